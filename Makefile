@@ -1,0 +1,34 @@
+# mlxgpt — common tasks. `make install` then `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?=
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+PIP_EXTRAS := dev$(if $(EXTRAS),$(comma)$(EXTRAS),)
+comma := ,
+
+.PHONY: install test test-fast train sample compare sweep bench bench-blas bench-prepare bench-sample clean
+
+install:  ## virtual environment + project + dependencies + fast CPU BLAS (Linux)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(PIP_EXTRAS)]"
+	$(PY) -m mlxgpt.setup_blas --setup
+
+test:  ## the whole suite
+	$(PY) -m pytest -q
+
+test-fast:  ## unit tests only (no end-to-end subprocess runs)
+	$(PY) -m pytest -q -m "not slow"
+
+train:  ## the default job: embedded dataset, small model, offline
+	$(PY) train.py $(ARGS)
+
+sample:  ## e.g. make sample ARGS='checkpoint=logs/runs/<run> prompt="def "'
+	$(PY) sample.py $(ARGS)
+
+bench-blas:  ## reference BLAS vs OpenBLAS matmul, side by side
+	$(PY) -m mlxgpt.setup_blas --bench
+
+clean:
+	rm -rf logs .pytest_cache

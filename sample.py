@@ -1,0 +1,20 @@
+"""Generate text from a trained run: `python sample.py checkpoint=<run dir> prompt="..." num_samples=3`."""
+import hydra
+from omegaconf import DictConfig
+
+from mlxgpt.cli import run_hydra
+from mlxgpt.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    from mlxgpt.sampling import sample
+
+    for i, text in enumerate(sample(cfg)):
+        print(f"--- sample {i + 1}/{cfg.num_samples} ---\n{text}")
+
+
+if __name__ == "__main__":
+    run_hydra(main)

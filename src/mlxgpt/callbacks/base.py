@@ -1,0 +1,31 @@
+"""The callback interface: objects the trainer calls at named events; they never change a step's math."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class Callback:
+    """Override the events you need. `priority`: lower runs first (producers of metrics before consumers)."""
+
+    priority = 100
+
+    def on_train_start(self, trainer) -> None: ...
+
+    def on_step_end(self, trainer, logs: dict[str, Any]) -> None:
+        """Every iteration: iter, tokens, train/loss, lr, grad_norm, dt_s."""
+
+    def on_log(self, trainer, logs: dict[str, Any]) -> None:
+        """Every trainer.log_interval: loss averaged since the last log, lr, grad_norm, tok_per_s, mfu, memory."""
+
+    def on_eval_end(self, trainer, logs: dict[str, Any]) -> None:
+        """After an evaluation: iter, tokens, train/loss, val/loss, best/val_loss."""
+
+    def on_checkpoint(self, trainer, info: dict[str, Any]) -> None:
+        """After a checkpoint was written: path, iter, is_best."""
+
+    def on_sample(self, trainer, info: dict[str, Any]) -> None:
+        """After text was generated: iter, prompt, samples (list of str)."""
+
+    def on_train_end(self, trainer, logs: dict[str, Any]) -> None: ...
+
+    def on_exception(self, trainer, exc: BaseException) -> None: ...

@@ -1,0 +1,25 @@
+"""Stop when the val loss has not improved by `min_delta` for `patience` evaluations."""
+from __future__ import annotations
+
+import math
+
+from mlxgpt.callbacks.base import Callback
+
+
+class EarlyStoppingCallback(Callback):
+    priority = 60
+
+    def __init__(self, patience: int = 5, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
+        self._best, self._bad = math.inf, 0
+
+    def on_eval_end(self, trainer, logs) -> None:
+        if logs["val/loss"] < self._best - self.min_delta:
+            self._best, self._bad = logs["val/loss"], 0
+            return
+        self._bad += 1
+        if self._bad >= self.patience:
+            trainer.should_stop = True
+            if trainer.is_main:
+                print(f"mlxgpt: early stopping at iteration {trainer.iter}: val loss has not improved for "
+                      f"{self.patience} evaluations (best {self._best:.4f})")

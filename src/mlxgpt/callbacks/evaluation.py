@@ -1,0 +1,19 @@
+"""Estimate train/val loss every `interval` iterations (and at the start and end of training)."""
+from __future__ import annotations
+
+from mlxgpt.callbacks.base import Callback
+
+
+class EvaluationCallback(Callback):
+    priority = 10  # before checkpointing, which saves `best` from the evaluation it triggers
+
+    def __init__(self, interval: int, at_start: bool = True):
+        self.interval, self.at_start = interval, at_start
+
+    def on_train_start(self, trainer) -> None:
+        if self.at_start and not trainer.resumed and not trainer.cfg.trainer.eval_only:
+            trainer.record_eval(trainer.evaluate())
+
+    def on_step_end(self, trainer, logs) -> None:
+        if trainer.iter % self.interval == 0 or trainer.iter == trainer.max_iters:
+            trainer.record_eval(trainer.evaluate())

@@ -1,0 +1,51 @@
+"""A tqdm progress bar with loss, lr, tokens/s, MFU and ETA; eval results printed as lines."""
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from mlxgpt.callbacks.base import Callback
+
+
+class ProgressCallback(Callback):
+    priority = 80
+
+    def __init__(self, leave: bool = True):
+        self.leave = leave
+        self._bar = None
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.is_main:
+            self._bar = tqdm(total=trainer.max_iters, initial=trainer.iter, desc="train", unit="it",
+                             leave=self.leave, dynamic_ncols=True)
+
+    def on_step_end(self, trainer, logs) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def on_log(self, trainer, logs) -> None:
+        if self._bar is not None:
+            post = {"loss": f"{logs['train/loss']:.4f}", "lr": f"{logs['lr']:.2e}"}
+            if "tok_per_s" in logs:
+                post["tok/s"] = f"{logs['tok_per_s']:.0f}"
+            if logs.get("mfu") is not None:
+                post["mfu"] = f"{100 * logs['mfu']:.1f}%"
+            self._bar.set_postfix(post, refresh=False)
+
+    def on_eval_end(self, trainer, logs) -> None:
+        message = (f"iter {logs['iter']}: train loss {logs['train/loss']:.4f}, val loss {logs['val/loss']:.4f} "
+                   f"(best {logs['best/val_loss']:.4f})")
+        if self._bar is not None:
+            self._bar.write(message)
+        elif trainer.is_main:
+            print(message)
+
+    def on_train_end(self, trainer, logs) -> None:
+        self._close()
+
+    def on_exception(self, trainer, exc) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,46 @@
+"""Generate text from the model at the end of training (and optionally every few evaluations)."""
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+
+from mlxgpt.callbacks.base import Callback
+
+
+class SampleCallback(Callback):
+    priority = 70
+
+    def __init__(self, prompt: str = "\n", max_new_tokens: int = 300, temperature: float = 0.8, top_k: int | None = 200,
+                 every_evals: int = 0, print_at_end: bool = True):
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.temperature, self.top_k = temperature, top_k
+        self.every_evals, self.print_at_end = every_evals, print_at_end
+        self._evals = 0
+
+    def on_eval_end(self, trainer, logs) -> None:
+        self._evals += 1
+        if self.every_evals and self._evals % self.every_evals == 0:
+            self.sample(trainer)
+
+    def on_train_end(self, trainer, logs) -> None:
+        if self.max_new_tokens > 0 and trainer.iter > 0:
+            text = self.sample(trainer)
+            if self.print_at_end and trainer.is_main:
+                print(f"\n--- sample after {trainer.iter} iterations (prompt {self.prompt!r}) ---\n{text}\n---")
+
+    def sample(self, trainer) -> str:
+        """Generate one sample (seeded by the iteration, so it never disturbs training randomness)."""
+        tokenizer, model = trainer.tokenizer, trainer.model
+        prompt_ids = tokenizer.encode(self.prompt) or [tokenizer.eot_token or 0]
+        mx.random.seed(trainer.seed + trainer.iter)
+        model.eval()
+        ids = list(model.generate(mx.array([prompt_ids]), self.max_new_tokens, temperature=self.temperature,
+                                  top_k=self.top_k))
+        model.train()
+        text = self.prompt + tokenizer.decode(ids)
+        if trainer.is_main:
+            with open(trainer.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"iter": trainer.iter, "prompt": self.prompt, "text": text}) + "\n")
+        trainer.emit("on_sample", {"iter": trainer.iter, "prompt": self.prompt, "samples": [text]})
+        return text

@@ -1,0 +1,194 @@
+"""Typed schemas for every config group (registered in Hydra's ConfigStore) and range checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from mlxgpt.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "baby"
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    vocab_size: Optional[int] = None  # None: the data's tokenizer vocab (GPT-2 BPE padded to a multiple of 64)
+    dropout: float = 0.0
+    bias: bool = True
+
+
+@dataclass
+class DataConfig:
+    name: str = "pydoc"
+    source: str = "pydoc"  # pydoc | url | text | hf
+    tokenizer: str = "char"  # char | gpt2
+    path: Optional[str] = None  # local file/dir/glob, local copy of the url file, or a saved HF dataset dir
+    url: Optional[str] = None
+    sha256: Optional[str] = None
+    val_fraction: float = 0.1  # single-text corpora: the last 10% is validation (as nanoGPT)
+    hf_path: Optional[str] = None  # HF hub id, or a builder ("parquet", "json") with data_files
+    hf_name: Optional[str] = None
+    hf_revision: Optional[str] = None
+    hf_split: str = "train"
+    data_files: Optional[Any] = None
+    text_column: str = "text"
+    val_size: float = 0.0005  # HF corpora: fraction of documents held out (nanoGPT: 0.0005, seed 2357)
+    split_seed: int = 2357
+    num_proc: Optional[int] = None  # None: all cores
+    streaming: bool = False
+    shard_tokens: int = 100_000_000
+    max_documents: Optional[int] = None
+    cache_dir: str = "${paths.data_dir}"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adam | sgd
+    lr: float = 6e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to >= 2-D parameters only (matmul weights, embeddings)
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | constant | linear | wsd
+    warmup_iters: int = 100
+    decay_iters: Optional[int] = None  # None: trainer.max_iters
+    min_lr_ratio: float = 0.1  # floor as a fraction of optimizer.lr (nanoGPT: min_lr = lr / 10)
+    decay_fraction: float = 0.2  # wsd: the last fraction of decay_iters decays linearly to the floor
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | gpu | cpu
+    max_iters: int = 2000
+    batch_size: int = 12
+    block_size: Optional[int] = None  # None: model.block_size
+    gradient_accumulation_steps: int = 1
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 1337
+    compile: bool = True
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (CPU always trains in float32)
+    resume: Optional[str] = None  # None | auto | <run dir or checkpoint dir>
+    eval_only: bool = False
+    on_nan: str = "stop"  # stop | skip
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "mlxgpt"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto (online when logged in, else offline) | online | offline | disabled
+    group: Optional[str] = None  # None: the sweep (multirun) or the run itself
+    job_type: str = "train"
+    tags: List[str] = field(default_factory=list)
+    log_checkpoints: bool = False
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"
+    log_dir: str = "logs"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    callbacks: Dict[str, Any] = field(default_factory=dict)
+    init_from: Optional[str] = None  # None | run dir / checkpoint dir | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    run_name: str = "run"
+    task_name: str = "train"
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = "???"  # a run dir or checkpoint dir
+    which: str = "best"  # best | last (falls back to last when a run has no best)
+    prompt: str = "\n"
+    num_samples: int = 3
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: Optional[int] = 200
+    seed: int = 1337
+    device: str = "auto"
+    use_cache: bool = True
+
+
+def register_configs() -> None:
+    """Register the schemas that conf/config.yaml and conf/sample.yaml extend (unknown keys, wrong types rejected)."""
+    ConfigStore.instance().store(name="mlxgpt_schema", node=Config)
+    ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+
+
+CHOICES = {
+    "data.source": ("pydoc", "url", "text", "hf"),
+    "data.tokenizer": ("char", "gpt2"),
+    "optimizer.name": ("adamw", "adam", "sgd"),
+    "schedule.name": ("cosine", "constant", "linear", "wsd"),
+    "trainer.device": ("auto", "gpu", "cpu"),
+    "trainer.dtype": ("float32", "bfloat16", "float16"),
+    "trainer.on_nan": ("stop", "skip"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+}
+
+
+def _check(ok: bool, key: str, value: Any, need: str) -> None:
+    if not ok:
+        raise UserError(f"invalid {key}={value}: {need} (override it, e.g. `python train.py {key}=...`)")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and consistency checks the types cannot express; raises UserError naming the key and the fix."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        _check(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
+    m, t, o, s, d = cfg.model, cfg.trainer, cfg.optimizer, cfg.schedule, cfg.data
+    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "trainer.max_iters",
+                "trainer.batch_size", "trainer.gradient_accumulation_steps", "trainer.eval_interval",
+                "trainer.eval_iters", "trainer.log_interval", "data.shard_tokens"):
+        value = OmegaConf.select(cfg, key)
+        _check(value >= 1, key, value, "must be >= 1")
+    _check(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"must be divisible by model.n_head={m.n_head}")
+    _check(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size", m.vocab_size, "must be >= 2 or null")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    if t.block_size is not None:
+        _check(1 <= t.block_size <= m.block_size, "trainer.block_size", t.block_size,
+               f"must be in [1, model.block_size={m.block_size}]")
+    _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+    _check(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
+           "must be two numbers in [0, 1)")
+    _check(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    _check(s.warmup_iters >= 0, "schedule.warmup_iters", s.warmup_iters, "must be >= 0")
+    _check(s.decay_iters is None or s.decay_iters >= 1, "schedule.decay_iters", s.decay_iters, "must be >= 1 or null")
+    _check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
+    _check(0 < s.decay_fraction <= 1, "schedule.decay_fraction", s.decay_fraction, "must be in (0, 1]")
+    _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    _check(0 < d.val_size < 1, "data.val_size", d.val_size, "must be in (0, 1)")
+    _check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", d.num_proc, "must be >= 1 or null")
+    if d.source in ("text",) and not d.path:
+        raise UserError("data.source=text needs data.path=<file, directory or glob of text files>")
+    if d.source == "hf" and not (d.hf_path or d.path):
+        raise UserError("data.source=hf needs data.hf_path=<hub id or builder> or data.path=<saved dataset dir>")
+    if d.source == "url" and not (d.url or d.path):
+        raise UserError("data.source=url needs data.url=<address> or data.path=<local copy>")

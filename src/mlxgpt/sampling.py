@@ -1,0 +1,53 @@
+"""Load a trained model with its tokenizer from a checkpoint and generate text."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+
+from mlxgpt import checkpoint, device
+from mlxgpt.errors import UserError
+from mlxgpt.model import GPT, GPTConfig
+from mlxgpt.tokenizer import tokenizer_from_meta
+from mlxgpt.trainer import load_weights
+
+
+def load_model(path: str | Path, which: str = "best"):
+    """(model, tokenizer, state) from a run dir or checkpoint dir; `best` falls back to `last`."""
+    try:
+        ckpt = checkpoint.resolve(path, which)
+    except UserError:
+        if which == "last":
+            raise
+        ckpt = checkpoint.resolve(path, "last")
+    state = checkpoint.read_state(ckpt)
+    model = GPT(GPTConfig(**state["model_config"]))
+    load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
+    model.eval()
+    return model, tokenizer_from_meta(state["tokenizer"]), state
+
+
+def sample(cfg) -> Iterator[str]:
+    """Yield `cfg.num_samples` generations of `cfg.max_new_tokens` tokens after `cfg.prompt` (FILE:path reads a file)."""
+    device.select_device(cfg.device)
+    model, tokenizer, _ = load_model(cfg.checkpoint, cfg.which)
+    prompt = cfg.prompt
+    if prompt.startswith("FILE:"):
+        prompt_path = Path(prompt[5:]).expanduser()
+        if not prompt_path.is_file():
+            raise UserError(f"prompt file {prompt_path} does not exist")
+        prompt = prompt_path.read_text(encoding="utf-8")
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_token or 0]
+    context = model.config.block_size
+    if len(ids) > context:
+        raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}; shorten it")
+    if cfg.temperature < 0:
+        raise UserError(f"invalid temperature={cfg.temperature}: must be >= 0 (0 is greedy)")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise UserError(f"invalid top_k={cfg.top_k}: must be >= 1 or null")
+    mx.random.seed(cfg.seed)
+    for _ in range(cfg.num_samples):
+        out = model.generate(mx.array([ids]), cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                             use_cache=cfg.use_cache)
+        yield prompt + tokenizer.decode(list(out))

@@ -1,0 +1,138 @@
+"""The Hydra task: config -> data -> model -> trainer -> callbacks -> run directory (returns the best val loss)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import traceback
+from pathlib import Path
+
+import mlx.core as mx
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mlxgpt import checkpoint, device
+from mlxgpt.config import validate
+from mlxgpt.data import load_data
+from mlxgpt.errors import UserError
+from mlxgpt.model import GPT, GPTConfig
+from mlxgpt.optim import build_optimizer, build_schedule
+from mlxgpt.trainer import Trainer, load_weights
+
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def train(cfg: DictConfig) -> float:
+    """Run one job. In a multirun a failing job is recorded (result.json) and the sweep goes on."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        summary = _train(cfg, run_dir)
+    except BaseException as e:
+        _write_result(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        if multirun and isinstance(e, Exception):
+            print(f"error: job failed: {e}" if isinstance(e, UserError) else traceback.format_exc())
+            return math.nan
+        raise
+    finally:
+        mx.clear_cache()  # a multirun's jobs share this process: give the buffer cache back between jobs
+    _write_result(run_dir, {"status": "ok", **summary})
+    return summary.get("best/val_loss", math.nan)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    validate(cfg)
+    t = cfg.trainer
+    dev = device.select_device(t.device)
+    resume_from = _resume_checkpoint(t.resume, run_dir)
+    if resume_from is None and not t.eval_only:
+        _refuse_used_run_dir(run_dir)
+    print(f"mlxgpt: device {device.describe()}; run dir {run_dir}")
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+
+    data = load_data(cfg.data)
+    block_size = t.block_size or cfg.model.block_size
+    model = _build_model(cfg, data.vocab_size)
+    if dev == mx.cpu and t.dtype != "float32":
+        print(f"mlxgpt: trainer.dtype={t.dtype} is slow on the CPU (no BLAS for half precision): training in float32")
+    elif t.dtype != "float32":
+        model.set_dtype(getattr(mx, t.dtype))
+    print(f"mlxgpt: model {cfg.model.name}: {model.num_params() / 1e6:.2f}M parameters; "
+          f"{data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens; context {block_size}")
+
+    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.max_iters)
+    optimizer = build_optimizer(cfg.optimizer, schedule)
+    callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()]
+    if cfg.logger.name == "wandb":
+        from mlxgpt.callbacks.wandb import WandbCallback
+
+        callbacks.append(WandbCallback(cfg.logger))
+    trainer = Trainer(cfg, model, data, optimizer, schedule, run_dir, callbacks, data.tokenizer, resume_from)
+    if t.eval_only:
+        losses = trainer.evaluate()
+        print(f"mlxgpt: eval only: train loss {losses['train/loss']:.4f}, val loss {losses['val/loss']:.4f}")
+        return {**losses, "best/val_loss": losses["val/loss"], "iter": trainer.iter}
+    return trainer.fit()
+
+
+def _build_model(cfg: DictConfig, data_vocab: int) -> GPT:
+    m = cfg.model
+    vocab = m.vocab_size or (_pad(data_vocab) if data_vocab > 1000 else data_vocab)
+    if vocab < data_vocab:
+        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data_vocab}; use model.vocab_size=null")
+    config = GPTConfig(block_size=m.block_size, vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head,
+                       n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
+    if cfg.init_from in PRETRAINED:
+        from mlxgpt.pretrained import load_pretrained
+
+        pre_config, weights = load_pretrained(cfg.init_from, config)
+        model = GPT(pre_config)
+        load_weights(model, weights, cfg.init_from)
+        if m.block_size < model.config.block_size:
+            model.crop_block_size(m.block_size)
+        return model
+    model = GPT(config)
+    if cfg.init_from:
+        ckpt = checkpoint.resolve(cfg.init_from, which="best")
+        load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
+        print(f"mlxgpt: initialised from {ckpt}")
+    return model
+
+
+def _pad(vocab: int, multiple: int = 64) -> int:
+    """GPT-2's 50257 -> 50304 (as nanoGPT): a multiple of 64 is faster for the lm head matmul."""
+    return (vocab + multiple - 1) // multiple * multiple
+
+
+def _resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last"
+        return checkpoint.resolve(run_dir) if (last / "state.json").is_file() else None
+    return checkpoint.resolve(resume)
+
+
+def _refuse_used_run_dir(run_dir: Path) -> None:
+    """Never overwrite a run: a directory with checkpoints must be resumed, not restarted."""
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise UserError(f"run directory {run_dir} already has checkpoints: continue it with trainer.resume=auto "
+                        f"or start a new run with a different run_name")
+
+
+def _instantiate(name: str, node: DictConfig):
+    try:
+        return instantiate(node)
+    except Exception as e:  # bad callback options surface as TypeError deep inside instantiate
+        cause = e.__cause__ or e
+        raise UserError(f"callbacks.{name}: {cause}; check its options in conf/callbacks/{name}.yaml") from None
+
+
+def _write_result(run_dir: Path, result: dict) -> None:
+    """`result.json`: the job's status and final metrics, read by the sweep summary and compare."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, run_dir / "result.json")

@@ -1,0 +1,95 @@
+"""Config composition: every group composes, typos and bad values are rejected with one line."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mlxgpt.config import register_configs, validate
+from mlxgpt.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+register_configs()
+
+
+def make(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "data", "optimizer", "schedule", "logger", "experiment"])
+def test_every_option_composes_and_validates(group):
+    for option in options(group):
+        extra = ["data.path=x.txt"] if option == "text" else ["data.hf_path=parquet"] if option == "hf" else []
+        cfg = make(f"{group}={option}", *extra)
+        validate(cfg)
+
+
+def test_defaults_are_the_embedded_offline_job():
+    cfg = make()
+    assert cfg.data.source == "pydoc" and cfg.model.name == "mini" and cfg.logger.mode == "auto"
+    assert set(cfg.callbacks) >= {"checkpoint", "evaluation", "metrics", "progress", "throughput", "sample"}
+
+
+def test_experiment_shakespeare_char_cpu_is_nanogpt_readme_cpu_config():
+    cfg = make("experiment=shakespeare_char_cpu")
+    m, t = cfg.model, cfg.trainer
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
+    assert (t.batch_size, t.max_iters, cfg.schedule.decay_iters, t.eval_iters) == (12, 2000, 2000, 20)
+
+
+def test_gpt2_small_openwebtext_composes():
+    cfg = make("model=gpt2_small", "data=openwebtext")
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (12, 768, 1024)
+    assert cfg.data.tokenizer == "gpt2" and cfg.data.val_size == 0.0005 and cfg.data.split_seed == 2357
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optimizer.lr=-1", "optimizer.lr"),
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("model.n_embd=130", "model.n_embd"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.block_size=1000", "trainer.block_size"),
+    ("trainer.eval_iters=0", "trainer.eval_iters"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("schedule.name=exp", "schedule.name"),
+    ("trainer.device=tpu", "trainer.device"),
+])
+def test_out_of_range_values_raise_one_line_user_error(override, needle):
+    with pytest.raises(UserError) as err:
+        validate(make(override))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_schema_is_typed():
+    cfg = make("optimizer.lr=3e-4", "model.n_layer=3")
+    assert isinstance(cfg.optimizer.lr, float) and isinstance(cfg.model.n_layer, int)
+
+
+
+def test_text_data_without_path_says_how_to_fix():
+    with pytest.raises(UserError, match="data.path="):
+        validate(make("data=text"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, expected", [
+    ("model=gpt2_smal", "no option 'gpt2_smal' in config group 'model'; available: baby"),
+    ("optimizer.lr=-1", "invalid optimizer.lr=-1.0: must be > 0"),
+    ("optimizer.lrr=1", "unknown config key 'optimizer.lrr'"),
+    ("trainer.batch_size=big", "invalid value for 'trainer.batch_size'"),
+])
+def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), override, f"paths.log_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoints"))
