@@ -32,3 +32,6 @@ bench-blas:  ## reference BLAS vs OpenBLAS matmul, side by side
 
 clean:
 	rm -rf logs .pytest_cache
+
+bench-sample:  ## greedy sampling speed with and without the KV cache (tokens must match)
+	$(PY) -m mlxgpt.bench_sample $(ARGS)

@@ -42,11 +42,12 @@ def run_hydra(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
     except (HydraException, OmegaConfBaseException) as e:
-        _fail(one_line(e))
+        fail(one_line(e))
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+    """Print `error: message` on stderr and exit 2 (a user error)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)

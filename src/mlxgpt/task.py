@@ -14,11 +14,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mlxgpt import checkpoint, device
+from mlxgpt.cli import fail
 from mlxgpt.config import validate
 from mlxgpt.data import load_data
 from mlxgpt.errors import UserError
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
+from mlxgpt.rundir import refuse_used_run_dir
 from mlxgpt.trainer import Trainer, load_weights
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -35,6 +37,8 @@ def train(cfg: DictConfig) -> float:
         if multirun and isinstance(e, Exception):
             print(f"error: job failed: {e}" if isinstance(e, UserError) else traceback.format_exc())
             return math.nan
+        if isinstance(e, UserError):
+            fail(str(e))  # one line, exit 2 (Hydra would add its own report)
         raise
     finally:
         mx.clear_cache()  # a multirun's jobs share this process: give the buffer cache back between jobs
@@ -48,12 +52,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     dev = device.select_device(t.device)
     resume_from = _resume_checkpoint(t.resume, run_dir)
     if resume_from is None and not t.eval_only:
-        _refuse_used_run_dir(run_dir)
+        refuse_used_run_dir(run_dir)  # multirun jobs (RunDirGuard checks single runs before Hydra writes)
     print(f"mlxgpt: device {device.describe()}; run dir {run_dir}")
     print(OmegaConf.to_yaml(cfg, resolve=True))
 
     data = load_data(cfg.data)
     block_size = t.block_size or cfg.model.block_size
+    mx.random.seed(t.seed)  # the initial weights are a function of the seed
     model = _build_model(cfg, data.vocab_size)
     if dev == mx.cpu and t.dtype != "float32":
         print(f"mlxgpt: trainer.dtype={t.dtype} is slow on the CPU (no BLAS for half precision): training in float32")
@@ -84,14 +89,12 @@ def _build_model(cfg: DictConfig, data_vocab: int) -> GPT:
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data_vocab}; use model.vocab_size=null")
     config = GPTConfig(block_size=m.block_size, vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head,
                        n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
-    if cfg.init_from in PRETRAINED:
+    if cfg.init_from in PRETRAINED or _is_hf_dir(cfg.init_from):
         from mlxgpt.pretrained import load_pretrained
 
         pre_config, weights = load_pretrained(cfg.init_from, config)
         model = GPT(pre_config)
         load_weights(model, weights, cfg.init_from)
-        if m.block_size < model.config.block_size:
-            model.crop_block_size(m.block_size)
         return model
     model = GPT(config)
     if cfg.init_from:
@@ -99,6 +102,11 @@ def _build_model(cfg: DictConfig, data_vocab: int) -> GPT:
         load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
         print(f"mlxgpt: initialised from {ckpt}")
     return model
+
+
+def _is_hf_dir(path: str | None) -> bool:
+    """A Hugging Face GPT-2 directory (config.json + model.safetensors), e.g. from `hf download gpt2`."""
+    return bool(path) and (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
 
 
 def _pad(vocab: int, multiple: int = 64) -> int:
@@ -113,13 +121,6 @@ def _resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
         last = run_dir / "checkpoints" / "last"
         return checkpoint.resolve(run_dir) if (last / "state.json").is_file() else None
     return checkpoint.resolve(resume)
-
-
-def _refuse_used_run_dir(run_dir: Path) -> None:
-    """Never overwrite a run: a directory with checkpoints must be resumed, not restarted."""
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise UserError(f"run directory {run_dir} already has checkpoints: continue it with trainer.resume=auto "
-                        f"or start a new run with a different run_name")
 
 
 def _instantiate(name: str, node: DictConfig):

@@ -8,7 +8,7 @@ from mlxgpt.callbacks.base import Callback
 
 
 class MetricsFileCallback(Callback):
-    priority = 90
+    priority = 5  # open the file before the evaluation at train start is logged
 
     def __init__(self, filename: str = "metrics.jsonl"):
         self.filename = filename

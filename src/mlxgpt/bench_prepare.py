@@ -1,0 +1,158 @@
+"""Benchmark: mlxgpt's prepare vs a nanoGPT-style datasets.map + np.memmap pipeline on the same local corpus.
+
+Both turn a synthetic parquet corpus (documents built from the Python docs) into GPT-2 BPE tokens with EOT
+after each document and nanoGPT's train/val split. Each pipeline runs in a fresh child process with its own
+empty datasets cache; the child reports its wall time and the peak resident memory of its largest process
+(getrusage: itself and its waited-for workers). Usage: python -m mlxgpt.bench_prepare [--mb 40] [--num-proc N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+VAL_SIZE, SEED = 0.0005, 2357  # nanoGPT's openwebtext split
+PIPELINES = {
+    "nanogpt": "nanoGPT-style: datasets.map + np.memmap",
+    "mlxgpt": "mlxgpt prepare",
+    "mlxgpt-stream": "mlxgpt prepare, streaming=True",
+}
+
+
+def make_corpus(directory: Path, megabytes: float, files: int = 8) -> tuple[int, int]:
+    """Write parquet files of English-like documents (3-40 random pydoc paragraphs each); (documents, bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mlxgpt.data.sources import pydoc_text
+
+    paragraphs = [p for p in pydoc_text().split("\n\n") if len(p.strip()) > 40]
+    rng = random.Random(0)
+    docs, size = [], 0
+    while size < megabytes * 1e6:
+        docs.append("\n\n".join(rng.choices(paragraphs, k=rng.randint(3, 40))))
+        size += len(docs[-1].encode())
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        pq.write_table(pa.table({"text": docs[i::files]}), directory / f"part-{i:03d}.parquet")
+    return len(docs), size
+
+
+def run_mlxgpt(corpus: Path, out: Path, num_proc: int, streaming: bool) -> dict[str, np.ndarray]:
+    from omegaconf import OmegaConf
+
+    from mlxgpt.config import DataConfig
+    from mlxgpt.data import TokenData, prepare
+
+    cfg = OmegaConf.structured(DataConfig(
+        name="bench", source="hf", tokenizer="gpt2", hf_path="parquet", data_files=str(corpus / "*.parquet"),
+        val_size=VAL_SIZE, split_seed=SEED, num_proc=num_proc, streaming=streaming, cache_dir=str(out)))
+    data = TokenData(prepare(cfg))
+    return {split: np.concatenate([np.memmap(data.directory / s["file"], dtype=np.uint16, mode="r") for s in info["shards"]])
+            for split, info in data.meta["splits"].items()}
+
+
+def run_nanogpt_style(corpus: Path, out: Path, num_proc: int) -> dict[str, np.ndarray]:
+    """nanoGPT's data/openwebtext/prepare.py approach, on a local parquet corpus (written here, not copied)."""
+    import datasets
+    import tiktoken
+
+    bpe = tiktoken.get_encoding("r50k_base")  # = nanoGPT's "gpt2" ranks; the offline cache holds these
+    ds = datasets.load_dataset("parquet", data_files=str(corpus / "*.parquet"), split="train", num_proc=num_proc)
+    parts = ds.train_test_split(test_size=VAL_SIZE, seed=SEED, shuffle=True)
+    parts["val"] = parts.pop("test")
+
+    def tokenize(row):
+        ids = bpe.encode_ordinary(row["text"]) + [bpe.eot_token]
+        return {"ids": ids, "len": len(ids)}
+
+    tokenized = parts.map(tokenize, remove_columns=["text"], num_proc=num_proc, desc="tokenize")
+    result = {}
+    for split, part in tokenized.items():
+        tokens = np.memmap(out / f"{split}.bin", dtype=np.uint16, mode="w+", shape=(int(np.sum(part["len"], dtype=np.uint64)),))
+        chunks, at = min(1024, len(part)), 0
+        for i in range(chunks):
+            ids = np.concatenate(part.shard(num_shards=chunks, index=i, contiguous=True).with_format("numpy")["ids"])
+            tokens[at:at + len(ids)] = ids
+            at += len(ids)
+        tokens.flush()
+        result[split] = tokens
+    return result
+
+
+def child(pipeline: str, corpus: Path, out: Path, num_proc: int) -> None:
+    """Run one pipeline; print its token count, seconds, peak RSS and a checksum of its tokens as JSON."""
+    import hashlib
+
+    started = time.perf_counter()
+    if pipeline == "nanogpt":
+        splits = run_nanogpt_style(corpus, out, num_proc)
+    else:
+        splits = run_mlxgpt(corpus, out, num_proc, streaming=pipeline == "mlxgpt-stream")
+    seconds = time.perf_counter() - started
+    to_bytes = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) * to_bytes
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(splits[s]).tobytes() for s in ("train", "val"))).hexdigest()
+    print(json.dumps({"tokens": int(sum(len(a) for a in splits.values())), "val_tokens": int(len(splits["val"])),
+                      "seconds": seconds, "peak_bytes": peak, "sha256": digest}))
+
+
+def measure(pipeline: str, corpus: Path, work: Path, num_proc: int) -> dict:
+    out = work / pipeline
+    out.mkdir()
+    env = {**os.environ, "HF_DATASETS_CACHE": str(out / "hf_cache")}  # cold cache: both pay the arrow conversion
+    cmd = [sys.executable, "-m", "mlxgpt.bench_prepare", "--child", pipeline, "--corpus", str(corpus), "--out", str(out),
+           "--num-proc", str(num_proc)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{pipeline} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=float, default=40, help="corpus size in MB of UTF-8 text")
+    parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="worker processes for both pipelines")
+    parser.add_argument("--child", choices=PIPELINES, help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.corpus, args.out, args.num_proc)
+
+    from mlxgpt.errors import UserError
+    from mlxgpt.tokenizer import GPT2Tokenizer
+
+    try:
+        GPT2Tokenizer()
+    except UserError as e:
+        raise SystemExit(str(e)) from None
+    with tempfile.TemporaryDirectory(prefix="mlxgpt-bench-prepare-") as tmp:
+        work = Path(tmp)
+        n_docs, n_bytes = make_corpus(work / "corpus", args.mb)
+        print(f"corpus: {n_docs:,} documents, {n_bytes / 1e6:.1f} MB in 8 parquet files; {args.num_proc} worker processes; "
+              f"{os.cpu_count()} CPUs; val_size {VAL_SIZE}, seed {SEED}\n", flush=True)
+        results = {p: measure(p, work / "corpus", work, args.num_proc) for p in PIPELINES}
+    base = results["nanogpt"]
+    print("| pipeline | tokens | seconds | tokens/s | peak RSS (MB) | throughput vs nanoGPT | peak RSS vs nanoGPT |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        rate = r["tokens"] / r["seconds"]
+        print(f"| {PIPELINES[name]} | {r['tokens']:,} | {r['seconds']:.2f} | {rate:,.0f} | {r['peak_bytes'] / 2**20:.0f} "
+              f"| {rate / (base['tokens'] / base['seconds']):.2f}x | {r['peak_bytes'] / base['peak_bytes']:.2f}x |")
+    same = results["mlxgpt"]["sha256"] == base["sha256"]
+    print(f"\nmlxgpt prepare's train+val tokens {'are identical to' if same else 'DIFFER from'} the nanoGPT-style output "
+          "(streaming splits by document hash, so its split differs by design).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Weights & Biases: one W&B run per training run, grouped by sweep; W&B trouble never stops training."""
+from __future__ import annotations
+
+import netrc
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from omegaconf import OmegaConf
+
+from mlxgpt.callbacks.base import Callback
+
+RUN_ID_KEY = "wandb_run_id"  # in trainer.extra_state, so a resumed run continues the same W&B run
+SECRET_KEY = re.compile(r"(api_?key|token|secret|password)$", re.IGNORECASE)
+STEP_METRICS = ("train/*", "val/*", "best/*", "lr", "grad_norm", "tok_per_s", "mfu", "memory_gb", "dt_s", "samples")
+
+
+class WandbCallback(Callback):
+    """Logs the config, metrics, samples and (optionally) checkpoints of a run on rank 0."""
+
+    priority = 95  # after those that add tok_per_s / mfu / memory to logs, sample and checkpoint at the end
+
+    def __init__(self, logger_cfg):
+        self.cfg = logger_cfg
+        self.run = None
+        self._started = False
+        self._sample_rows: list[list[Any]] = []
+
+    # ------------------------------------------------------------------ events
+    # The run starts at the first event that reaches this callback: the evaluation at iteration 0 comes before
+    # this callback's on_train_start.
+    def on_train_start(self, trainer) -> None:
+        self._ensure_run(trainer)
+
+    def on_log(self, trainer, logs) -> None:
+        self._ensure_run(trainer)
+        self._guard(self._log, logs)
+
+    def on_eval_end(self, trainer, logs) -> None:
+        self._ensure_run(trainer)
+        # The eval's train-split estimate gets its own name: `train/loss` is the running training loss.
+        self._guard(self._log, {("train/eval_loss" if k == "train/loss" else k): v for k, v in logs.items()})
+
+    def on_sample(self, trainer, info) -> None:
+        self._ensure_run(trainer)
+        self._guard(self._log_samples, info)
+
+    def on_checkpoint(self, trainer, info) -> None:
+        self._ensure_run(trainer)
+        if self.cfg.log_checkpoints:
+            self._guard(self._log_checkpoint, info)
+
+    def on_train_end(self, trainer, logs) -> None:
+        self._finish(exit_code=0)
+
+    def on_exception(self, trainer, exc) -> None:
+        self._finish(exit_code=1)
+
+    # ------------------------------------------------------------------- work
+    def _ensure_run(self, trainer) -> None:
+        if not self._started and trainer.is_main and self.cfg.mode != "disabled":
+            self._started = True
+            self._guard(self._start, trainer)
+
+    def _start(self, trainer) -> None:
+        import wandb
+
+        if wandb.run is not None:  # a run left open by earlier code in this process: never log into it
+            wandb.run.finish()
+        run_id = trainer.extra_state.get(RUN_ID_KEY) if trainer.resumed else None
+        name, group = job_name_and_group(trainer.run_dir)
+        self.run = wandb.init(
+            project=self.cfg.project, entity=self.cfg.entity, mode=resolve_mode(self.cfg.mode),
+            dir=str(trainer.run_dir), id=run_id, resume="allow" if run_id else None,
+            group=self.cfg.group or group, name=name, job_type=self.cfg.job_type, tags=list(self.cfg.tags),
+            config=flat_config(trainer.cfg))
+        trainer.extra_state[RUN_ID_KEY] = self.run.id
+        self.run.define_metric("iter")
+        self.run.define_metric("tokens", step_metric="iter")
+        for pattern in STEP_METRICS:
+            self.run.define_metric(pattern, step_metric="iter")
+        self.run.define_metric("val/loss", step_metric="iter", summary="min,last")
+
+    def _log(self, logs: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in logs.items() if v is not None})
+
+    def _log_samples(self, info: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        self._sample_rows += [[info["iter"], info["prompt"], text] for text in info["samples"]]
+        table = wandb.Table(columns=["iter", "prompt", "text"], data=self._sample_rows)  # all samples so far
+        self.run.log({"iter": info["iter"], "samples": table})
+
+    def _log_checkpoint(self, info: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"checkpoint-{self.run.id}", type="model",
+                                  metadata={"iter": info["iter"], "is_best": info["is_best"]})
+        artifact.add_dir(info["path"])  # copied to W&B's staging area: pruning the checkpoint later is safe
+        aliases = ["latest", f"iter_{info['iter']}"] + (["best"] if info["is_best"] else [])
+        self.run.log_artifact(artifact, aliases=aliases)
+
+    def _finish(self, exit_code: int) -> None:
+        """Always end the run, so the next job of a multirun (same process) starts its own."""
+        run, self.run = self.run, None
+        if run is not None:
+            self._guard(lambda: run.finish(exit_code=exit_code))
+
+    def _guard(self, fn, *args) -> None:
+        """Run a W&B call; on the first failure warn once, stop logging to W&B, and let training go on."""
+        try:
+            fn(*args)
+        except Exception as e:
+            print(f"mlxgpt: warning: W&B logging stopped ({type(e).__name__}: {e}); training continues, "
+                  f"metrics.jsonl is still written", file=sys.stderr)
+            run, self.run = self.run, None
+            if run is not None:
+                try:
+                    run.finish(exit_code=1)
+                except Exception:
+                    pass  # already warned: W&B is unusable for this run
+
+
+def api_key_configured() -> bool:
+    """True when W&B has credentials without asking: WANDB_API_KEY, or a netrc entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """auto: WANDB_MODE if set, else online when logged in, offline otherwise. Never a login prompt."""
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if api_key_configured() else "offline")
+    if mode == "online" and not api_key_configured():
+        print("mlxgpt: warning: W&B is set to online but no API key is configured (`wandb login` or "
+              "WANDB_API_KEY): logging offline; upload later with `wandb sync`", file=sys.stderr)
+        return "offline"
+    return mode
+
+
+def flat_config(cfg) -> dict[str, Any]:
+    """The resolved config as one level of dotted keys (`optimizer.lr`): the names Hydra overrides use.
+
+    wandb stores nested dicts as nested values (only the web UI flattens them); flat keys are the same
+    everywhere: the UI's columns, the API's `run.config`, offline files, and `key=value` on the command line.
+    Values of keys that look like credentials are masked.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = "***" if SECRET_KEY.search(prefix) and node else node
+
+    walk("", OmegaConf.to_container(cfg, resolve=True))
+    return flat
+
+
+def job_name_and_group(run_dir: Path) -> tuple[str, str]:
+    """Name: the job's swept overrides with short keys (`lr=3e-4,n_layer=6`); all of them for a single run.
+    Group: the multirun's sweep directory name (shared by its jobs), or the run itself."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return run_dir.name, run_dir.name
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    skip = set(hc.job.config.override_dirname.exclude_keys) | {"sweep", "hparams_search"}
+    swept = _swept_keys(hc) if multirun else set()
+    pairs = []
+    for override in hc.overrides.task:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in swept or not swept and key not in skip and not key.startswith(("paths.", "hydra.")):
+            pairs.append((key, value))
+    short = [key.rsplit(".", 1)[-1] for key, _ in pairs]
+    name = ",".join(f"{s if short.count(s) == 1 else key}={value}" for (key, value), s in zip(pairs, short))
+    return name or run_dir.name, Path(hc.sweep.dir).name if multirun else run_dir.name
+
+
+def _swept_keys(hc) -> set[str]:
+    """The keys a multirun varies: its sweeper's `params` and the CLI's sweep overrides (`k=a,b`) that Hydra
+    records in the sweep dir's multirun.yaml."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set(hc.sweeper.get("params") or {})
+    multirun_yaml = Path(hc.sweep.dir) / "multirun.yaml"
+    if multirun_yaml.is_file():
+        cli = OmegaConf.load(multirun_yaml).hydra.overrides.task
+        keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(list(cli)) if o.is_sweep_override()}
+    return keys

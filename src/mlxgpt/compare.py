@@ -1,0 +1,262 @@
+"""Compare runs from their directories alone (metrics.jsonl, .hydra/, result.json): a table sorted by best val
+loss (Markdown + CSV), the val-loss curves of all runs, and a best-val-loss heatmap when two parameters vary."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from mlxgpt.cli import EXIT_USER_ERROR
+from mlxgpt.errors import UserError
+
+IGNORED_KEYS = ("hydra.", "paths.", "logger.mode", "trainer.resume")  # where a run is kept, not what it does
+
+
+@dataclass
+class Run:
+    """One run directory as compare sees it."""
+
+    path: Path
+    name: str
+    overrides: dict[str, str]  # key -> value as given on the command line, in order
+    config: Any  # the resolved config (.hydra/config.yaml)
+    status: str  # ok | failed | incomplete (no result.json: killed, or still running)
+    error: str = ""
+    evals: list[dict] = field(default_factory=list)  # metrics.jsonl records with event=eval
+    logs: list[dict] = field(default_factory=list)  # ... with event=train
+
+    @property
+    def best_val_loss(self) -> float:
+        losses = [e["val/loss"] for e in self.evals if _finite(e.get("val/loss"))]
+        return min(losses, default=math.nan)
+
+    @property
+    def final_train_loss(self) -> float:
+        return self.logs[-1]["train/loss"] if self.logs else math.nan
+
+    @property
+    def tok_per_s(self) -> float:
+        """Median over log intervals (the first interval includes compilation)."""
+        rates = [r["tok_per_s"] for r in self.logs if _finite(r.get("tok_per_s"))]
+        return statistics.median(rates) if rates else math.nan
+
+    @property
+    def iters(self) -> int:
+        return max((r["iter"] for r in self.logs + self.evals), default=0)
+
+    def value(self, key: str) -> Any:
+        """The run's value of an overridden key: typed from the config when it is a scalar there."""
+        typed = OmegaConf.select(self.config, key, default=None) if self.config is not None else None
+        return typed if isinstance(typed, (int, float, str, bool)) else self.overrides.get(key)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def find_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Run directories (those with .hydra/config.yaml) at or below each path, in natural order (2 before 10)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise UserError(f"{p} is not a directory: pass run directories or a sweep directory")
+        found += [c.parent.parent for c in p.rglob(".hydra/config.yaml")]
+    natural = lambda d: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(d))]  # noqa: E731
+    return sorted(set(found), key=natural)
+
+
+def load_run(path: Path, root: Path) -> Run:
+    hydra_dir = path / ".hydra"
+    overrides = {}
+    if (hydra_dir / "overrides.yaml").is_file():
+        for item in OmegaConf.load(hydra_dir / "overrides.yaml"):
+            key, _, value = str(item).lstrip("+~").partition("=")
+            if not key.startswith(IGNORED_KEYS):
+                overrides[key] = value
+    result = json.loads((path / "result.json").read_text()) if (path / "result.json").is_file() else {}
+    records = []
+    if (path / "metrics.jsonl").is_file():
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a kill
+    name = str(path.relative_to(root)) if path != root else path.name
+    return Run(path=path, name=name, overrides=overrides, config=OmegaConf.load(hydra_dir / "config.yaml"),
+               status=result.get("status", "incomplete"), error=result.get("error") or "",
+               evals=[r for r in records if r.get("event") == "eval"],
+               logs=[r for r in records if r.get("event") == "train"])
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    dirs = find_run_dirs(paths)
+    if not dirs:
+        raise UserError(f"no run directories (with .hydra/config.yaml) in {', '.join(map(str, paths))}; "
+                        f"pass a sweep directory (logs/multiruns/<time>) or run directories (logs/runs/<name>)")
+    root = Path(os.path.commonpath([d.resolve() for d in dirs]))
+    return [load_run(d.resolve(), root) for d in dirs]
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Overridden keys whose value differs between runs (all of a lone run's), in first-seen order."""
+    keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
+    if len(runs) == 1:
+        return keys
+    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+
+
+def ranked(runs: list[Run]) -> list[Run]:
+    """Completed runs by best val loss, then the others (failed, incomplete, no evaluation)."""
+    def key(r: Run):
+        ok = r.status == "ok" and _finite(r.best_val_loss)
+        return (not ok, r.best_val_loss if ok else math.inf, r.name)
+
+    return sorted(runs, key=key)
+
+
+def best_run(runs: list[Run]) -> Run | None:
+    top = ranked(runs)[:1]
+    return top[0] if top and top[0].status == "ok" and _finite(top[0].best_val_loss) else None
+
+
+def describe(run: Run, keys: list[str]) -> str:
+    """`optimizer.lr=3e-4,model.n_layer=6`: the run's values of the given keys."""
+    return ",".join(f"{k}={run.overrides[k]}" for k in keys if k in run.overrides) or run.name
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if _finite(x) else "-"
+
+
+def write_table(runs: list[Run], out_dir: Path, stem: str) -> tuple[Path, Path]:
+    """`<stem>.md` and `<stem>.csv`: every run sorted by best val loss, the best one marked."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys, best = varying_keys(runs), best_run(runs)
+    order = ranked(runs)
+    md = ["| rank | run | overrides | best val loss | final train loss | tok/s | iters | status |",
+          "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for i, r in enumerate(order, 1):
+        rank = f"{i} (best)" if r is best else str(i)
+        status = f"failed: {r.error}" if r.status == "failed" and r.error else r.status
+        md.append(f"| {rank} | {r.name} | {describe(r, keys)} | {_fmt(r.best_val_loss)} | "
+                  f"{_fmt(r.final_train_loss)} | {_fmt(r.tok_per_s, 0)} | {r.iters} | {status.replace('|', '/')} |")
+        rows.append({"rank": i, "is_best": r is best, "run": r.name, "overrides": describe(r, keys),
+                     **{k: r.value(k) for k in keys}, "best_val_loss": r.best_val_loss,
+                     "final_train_loss": r.final_train_loss, "tok_per_s": r.tok_per_s, "iters": r.iters,
+                     "status": r.status, "error": r.error, "path": str(r.path)})
+    common = [f"{k}={v}" for k, v in runs[0].overrides.items() if k not in keys] if len(runs) > 1 else []
+    if common:
+        md += ["", f"Common to all runs: `{' '.join(common)}`"]
+    md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
+    md_path.write_text("\n".join(md) + "\n")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return md_path, csv_path
+
+
+def plot_val_curves(runs: list[Run], path: Path) -> Path:
+    """Val loss against iterations, one line per run (failed runs dashed, the best one thick)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys, best = varying_keys(runs), best_run(runs)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for r in ranked(runs):
+        points = [(e["iter"], e["val/loss"]) for e in r.evals if _finite(e.get("val/loss"))]
+        if points:
+            ax.plot(*zip(*points), marker=".", linestyle="-" if r.status == "ok" else "--",
+                    linewidth=2.8 if r is best else 1.2, label=f"{describe(r, keys)} ({_fmt(r.best_val_loss)})")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val loss")
+    ax.set_title("validation loss" + (f" (best: {describe(best, keys)})" if best else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="run (best val loss)",
+              title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _axis(runs: list[Run], key: str) -> list[str]:
+    """A parameter's values as given, sorted numerically when they are numbers."""
+    values = list(dict.fromkeys(r.overrides[key] for r in runs if key in r.overrides))
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
+
+
+def plot_heatmap(runs: list[Run], x_key: str, y_key: str, path: Path) -> Path:
+    """Best val loss over a grid of two parameters; failed or missing cells are blank, the best cell boxed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    xs, ys, best = _axis(runs, x_key), _axis(runs, y_key), best_run(runs)
+    grid = np.full((len(ys), len(xs)), np.nan)
+    labels = [["" for _ in xs] for _ in ys]
+    for r in runs:
+        if x_key in r.overrides and y_key in r.overrides:
+            i, j = ys.index(r.overrides[y_key]), xs.index(r.overrides[x_key])
+            ok = r.status == "ok" and _finite(r.best_val_loss)
+            grid[i, j] = r.best_val_loss if ok else np.nan
+            labels[i][j] = _fmt(r.best_val_loss, 3) if ok else r.status
+    fig, ax = plt.subplots(figsize=(1.6 * len(xs) + 2.5, 1.0 * len(ys) + 2))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn_r", origin="lower", aspect="auto")
+    fig.colorbar(image, ax=ax, label="best val loss")
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=9)
+    if best is not None:
+        i, j = ys.index(best.overrides[y_key]), xs.index(best.overrides[x_key])
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5))
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_yticks(range(len(ys)), ys)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(y_key)
+    ax.set_title("best val loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare(paths: list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
+    """Write table.md, table.csv, val_loss.png (and heatmap.png for two varying parameters); returns the paths."""
+    runs = load_runs(paths)
+    out = Path(out_dir) if out_dir else Path(os.path.commonpath([r.path for r in runs])) / "compare"
+    written = [*write_table(runs, out, "table"), plot_val_curves(runs, out / "val_loss.png")]
+    keys = varying_keys(runs)
+    if len(runs) > 1 and len(keys) == 2:
+        written.append(plot_heatmap(runs, keys[0], keys[1], out / "heatmap.png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Compare runs: table (Markdown + CSV) and plots from run dirs.")
+    parser.add_argument("paths", nargs="+", help="a sweep directory, or run directories")
+    parser.add_argument("--out", help="output directory (default: <common parent of the runs>/compare)")
+    args = parser.parse_args(argv)
+    try:
+        written = compare(args.paths, args.out)
+    except UserError as e:
+        parser.exit(EXIT_USER_ERROR, f"error: {e}\n")
+    print(Path(written[0]).read_text())
+    print("wrote " + ", ".join(map(str, written)))

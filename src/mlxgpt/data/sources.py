@@ -1,0 +1,175 @@
+"""Where text comes from: the embedded Python docs, a URL, local text files, or a Hugging Face dataset."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from mlxgpt.errors import UserError
+
+SMALL_SOURCES = ("pydoc", "url", "text")
+
+
+def read_text(cfg) -> tuple[str, str]:
+    """A single-text corpus (pydoc, url or text) and the sha256 of its content."""
+    if cfg.source == "pydoc":
+        text = pydoc_text()
+        return text, hashlib.sha256(text.encode()).hexdigest()
+    if cfg.source == "url":
+        path, sha256 = url_file(cfg)
+        return _read_utf8(path), sha256
+    if cfg.source == "text":
+        text = "".join(_with_newline(_read_utf8(p)) for p in text_files(cfg.path))
+        if not text.strip():
+            raise UserError(f"data.path={cfg.path} holds only empty files; point it at a non-empty text file")
+        return text, hashlib.sha256(text.encode()).hexdigest()
+    raise UserError(f"unknown data.source={cfg.source!r}; use one of pydoc, url, text, hf")
+
+
+def pydoc_text() -> str:
+    """The Python documentation topics that ship with every CPython (pydoc_data), about 0.5 MB."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise UserError("this Python has no pydoc_data module; choose another dataset, e.g. data=shakespeare_char") from None
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def url_file(cfg) -> tuple[Path, str]:
+    """The local file for data.url (downloaded once into the cache, or data.path) and its verified sha256."""
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if not path.is_file():
+            raise UserError(f"data.path={cfg.path} does not exist; fix the path or unset it to download data.url")
+    elif cfg.url:
+        path = Path(cfg.cache_dir).expanduser() / "downloads" / Path(urllib.parse.urlparse(cfg.url).path).name
+        if not path.is_file():
+            _download(cfg.url, path, cfg.sha256)
+    else:
+        raise UserError("data.source=url needs data.url (or data.path to a local copy)")
+    sha256 = _sha256(path)
+    if cfg.sha256 and sha256 != cfg.sha256.lower():
+        raise UserError(f"{path} has sha256 {sha256}, expected data.sha256={cfg.sha256}; delete the file to download it again, or fix data.sha256")
+    return path, sha256
+
+
+def text_files(pattern: str | None) -> list[Path]:
+    """The files named by a file path, a directory (all files below it) or a glob pattern, sorted."""
+    if not pattern:
+        raise UserError("data.source=text needs data.path (a text file, a directory or a glob pattern)")
+    found = _expand(pattern)
+    if not found:
+        raise UserError(f"data.path={pattern} matches no file; point it at a text file, a directory or a glob like 'books/*.txt'")
+    return sorted(found)
+
+
+def load_documents(cfg):
+    """The documents of a Hugging Face dataset: a datasets.Dataset, or an IterableDataset when data.streaming."""
+    import datasets
+
+    try:
+        if cfg.path:
+            ds = datasets.load_from_disk(str(Path(cfg.path).expanduser()))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg.hf_split]
+            if cfg.streaming:
+                ds = ds.to_iterable_dataset()
+        else:
+            ds = datasets.load_dataset(
+                cfg.hf_path, cfg.hf_name, revision=cfg.hf_revision, split=cfg.hf_split, data_files=plain(cfg.data_files),
+                streaming=cfg.streaming, num_proc=None if cfg.streaming else (cfg.num_proc or os.cpu_count()),
+            )
+    except Exception as e:  # hub, network, file and format errors all end here
+        where = f"data.path={cfg.path}" if cfg.path else f"data.hf_path={cfg.hf_path} hf_name={cfg.hf_name} hf_revision={cfg.hf_revision} data_files={plain(cfg.data_files)}"
+        raise UserError(f"cannot load the dataset {where} split {cfg.hf_split} ({type(e).__name__}: {str(e)[:200]}); check these settings and the network") from e
+    columns = ds.column_names
+    if columns is not None and cfg.text_column not in columns:
+        raise UserError(f"the dataset has no column {cfg.text_column!r} (columns: {columns}); set data.text_column")
+    if cfg.max_documents is not None:
+        ds = ds.take(cfg.max_documents) if cfg.streaming else ds.select(range(min(cfg.max_documents, len(ds))))
+    return ds
+
+
+def hf_identity(cfg) -> dict:
+    """What determines a Hugging Face corpus: its ids, and the size and mtime of local files it reads."""
+    local = [str(Path(cfg.path).expanduser())] if cfg.path else [f for f in _flatten(plain(cfg.data_files)) if "://" not in f]
+    files = sorted({p for pattern in local for p in _expand(pattern)})
+    return {
+        "source": "hf", "hf_path": cfg.hf_path, "hf_name": cfg.hf_name, "hf_revision": cfg.hf_revision,
+        "hf_split": cfg.hf_split, "data_files": plain(cfg.data_files), "text_column": cfg.text_column,
+        "local_files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    }
+
+
+def plain(value):
+    """A Hydra/OmegaConf container as plain Python lists and dicts (other values unchanged)."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _download(url: str, path: Path, sha256: str | None) -> None:
+    """Download url to path with a progress bar; verify sha256 before the file gets its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if sha256 and digest.hexdigest() != sha256.lower():
+            raise UserError(f"download of {url} has sha256 {digest.hexdigest()}, expected data.sha256={sha256}; retry, or fix data.sha256")
+        os.replace(tmp, path)
+    except OSError as e:  # urllib's URLError and HTTPError are OSErrors
+        raise UserError(f"cannot download {url} ({e}); check the network, or download it yourself and set data.path=<file>") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 or leave it out of data.path") from None
+
+
+def _with_newline(text: str) -> str:
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
+def _flatten(data_files) -> list[str]:
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [f for v in data_files.values() for f in _flatten(v)]
+    return [f for v in data_files for f in _flatten(v)]
+
+
+def _expand(pattern: str) -> list[Path]:
+    """The files named by a path, a directory (its non-hidden files, recursively) or a glob pattern."""
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    return [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]

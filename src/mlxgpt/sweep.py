@@ -1,0 +1,31 @@
+"""At the end of a multirun, write summary.md + summary.csv to the sweep dir: every job, its status, the best marked."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from mlxgpt.compare import best_run, describe, load_runs, varying_keys, write_table
+
+
+class SweepSummary(Callback):
+    """Registered in conf/hydra/default.yaml (`hydra.callbacks`); runs for every sweeper (basic grid, optuna)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        try:
+            runs = load_runs([sweep_dir])
+        except Exception as e:  # the summary is a convenience: never turn a finished sweep into an error
+            print(f"mlxgpt: no sweep summary written ({e})")
+            return
+        md, csv = write_table(runs, sweep_dir, "summary")
+        failed = [r for r in runs if r.status != "ok"]
+        best = best_run(runs)
+        print(f"mlxgpt: sweep of {len(runs)} jobs ({len(failed)} failed) summarised in {md} and {csv}")
+        if best is not None:
+            print(f"mlxgpt: best job {best.name}: {describe(best, varying_keys(runs))}, "
+                  f"best val loss {best.best_val_loss:.4f}")

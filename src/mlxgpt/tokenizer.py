@@ -1,0 +1,102 @@
+"""Tokenizers behind one small interface: characters of a corpus, or GPT-2 BPE (tiktoken)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mlxgpt.errors import UserError
+
+# tiktoken caches a downloaded file under the sha1 of its URL; this is r50k_base.tiktoken's name.
+GPT2_RANKS_CACHE_NAME = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the sorted set of the corpus characters."""
+
+    name = "char"
+    eot_token = None
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self._ids = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as missing:
+            raise UserError(
+                f"character {missing.args[0]!r} is not in this dataset's {self.vocab_size}-character vocabulary; "
+                "use only characters that occur in the training text, or a BPE dataset (data.tokenizer=gpt2)"
+            ) from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_meta(self) -> dict:
+        return {"name": self.name, "chars": self.chars}
+
+
+class GPT2Tokenizer:
+    """GPT-2 BPE: tiktoken's r50k_base ranks (the same as its "gpt2") and <|endoftext|> = 50256."""
+
+    name = "gpt2"
+    vocab_size = 50257
+    eot_token = 50256
+
+    def __init__(self):
+        import tiktoken
+
+        try:
+            self._bpe = tiktoken.get_encoding("r50k_base")
+        except Exception as e:  # tiktoken downloads the ranks on first use; offline this fails in many ways
+            raise UserError(
+                f"cannot load the GPT-2 BPE ranks ({type(e).__name__}: {str(e)[:120]}); connect to the internet once, "
+                f"or copy r50k_base.tiktoken to <dir>/{GPT2_RANKS_CACHE_NAME} and set TIKTOKEN_CACHE_DIR=<dir>"
+            ) from e
+
+    def encode(self, text: str) -> list[int]:
+        return self._bpe.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode() as a uint16 array, without building a Python list (several times faster)."""
+        try:
+            ids = self._bpe.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:  # lone surrogates: replace them as encode_ordinary does
+            ids = self._bpe.encode_to_numpy(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), disallowed_special=())
+        return ids.astype(np.uint16)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._bpe.decode([int(i) for i in ids])
+
+    def to_meta(self) -> dict:
+        return {"name": self.name}
+
+
+Tokenizer = CharTokenizer | GPT2Tokenizer
+
+
+def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
+    """The tokenizer called `name`; the char tokenizer builds its vocabulary from `text`."""
+    if name == "char":
+        if not text:
+            raise UserError("the char tokenizer needs the corpus text to build its vocabulary; pass text=")
+        return CharTokenizer.from_text(text)
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    raise UserError(f"unknown tokenizer {name!r}; use data.tokenizer=char or data.tokenizer=gpt2")
+
+
+def tokenizer_from_meta(meta: dict) -> Tokenizer:
+    """Rebuild the tokenizer that to_meta() described."""
+    if meta.get("name") == "char":
+        return CharTokenizer(meta["chars"])
+    return get_tokenizer(meta.get("name", "?"))

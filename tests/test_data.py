@@ -1,0 +1,356 @@
+"""Data pipeline: sources, prepare (keys, no-op reruns, interruptions, HF corpora) and the batch loader."""
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from omegaconf import OmegaConf
+
+from mlxgpt.config import DataConfig
+from mlxgpt.data import TokenData, load_data, prepare
+from mlxgpt.data.sources import pydoc_text
+from mlxgpt.errors import UserError
+
+prepare_module = importlib.import_module("mlxgpt.data.prepare")  # the module (mlxgpt.data.prepare is the function)
+REAL_TOKENIZE, REAL_WRITE_JSON = prepare_module._tokenize_batch, prepare_module._write_json
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+EOT = 50256
+
+
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path, monkeypatch):
+    """Keep the datasets library's cache inside the test's temporary directory."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+def data_cfg(tmp_path: Path, cache: str = "cache", **overrides):
+    return OmegaConf.structured(DataConfig(cache_dir=str(tmp_path / cache), **overrides))
+
+
+def stream(data: TokenData, split: str) -> np.ndarray:
+    """A split's whole token stream, read from its shard files in meta order."""
+    shards = data.meta["splits"][split]["shards"]
+    return np.concatenate([np.fromfile(data.directory / s["file"], dtype=np.uint16) for s in shards] or [np.empty(0, np.uint16)])
+
+
+def documents(data: TokenData, split: str) -> list[str]:
+    """The documents of a split: the stream cut after each EOT, decoded."""
+    ids = stream(data, split)
+    assert ids.size == 0 or ids[-1] == EOT
+    return [data.tokenizer.decode(d[:-1]) for d in np.split(ids, np.flatnonzero(ids == EOT) + 1)[:-1]]
+
+
+def make_docs(n: int) -> list[str]:
+    paragraphs = [p for p in pydoc_text().split("\n\n") if p.strip()]
+    return [f"Document {i}.\n{paragraphs[i % len(paragraphs)]}" for i in range(n)]
+
+
+def file_state(directory: Path) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+# ---- single texts: nanoGPT's counts, keys, reruns, errors ----
+
+def test_shakespeare_char_counts_match_nanogpt(tmp_path, shared_dir):
+    path = shared_dir / "data" / "tinyshakespeare" / "input.txt"
+    data = load_data(data_cfg(tmp_path, name="shakespeare_char", source="url", path=str(path), sha256=SHAKESPEARE_SHA256))
+    assert (data.num_tokens("train"), data.num_tokens("val"), data.vocab_size) == (1_003_854, 111_540, 65)
+    assert data.meta["source"]["sha256"] == SHAKESPEARE_SHA256 and data.meta["dtype"] == "uint16"
+    assert data.tokenizer.decode(stream(data, "train")[:14]) == "First Citizen:"
+
+
+def test_shakespeare_gpt2_counts_match_nanogpt(tmp_path, shared_dir, tiktoken_cache):
+    path = shared_dir / "data" / "tinyshakespeare" / "input.txt"
+    data = load_data(data_cfg(tmp_path, name="shakespeare", source="url", tokenizer="gpt2", path=str(path), sha256=SHAKESPEARE_SHA256))
+    assert (data.num_tokens("train"), data.num_tokens("val"), data.vocab_size) == (301_966, 36_059, 50257)
+
+
+def test_pydoc_default_is_embedded_and_a_rerun_is_a_no_op(tmp_path):
+    cfg = data_cfg(tmp_path)
+    directory = prepare(cfg)
+    before = file_state(directory)
+    assert prepare(cfg) == directory and file_state(directory) == before
+    data = TokenData(directory)
+    text = pydoc_text()
+    assert data.num_tokens("train") == int(len(text) * 0.9) and data.num_tokens("val") == len(text) - int(len(text) * 0.9)
+    assert data.tokenizer.decode(stream(data, "val")) == text[int(len(text) * 0.9):]
+
+
+def test_key_follows_content_and_split_rule(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("same text here\n" * 20)
+    b.write_text("same text here\n" * 20)
+    first = prepare(data_cfg(tmp_path, name="t", source="text", path=str(a)))
+    assert prepare(data_cfg(tmp_path, name="t", source="text", path=str(b))) == first  # same content, same data
+    assert prepare(data_cfg(tmp_path, name="t", source="text", path=str(a), val_fraction=0.2)) != first
+    b.write_text("other text\n" * 20)
+    assert prepare(data_cfg(tmp_path, name="t", source="text", path=str(b))) != first
+
+
+def test_text_directory_and_glob(tmp_path):
+    root = tmp_path / "books"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha\n")
+    (root / "b.txt").write_text("beta")  # no final newline: one is added between files
+    (root / "sub" / "c.md").write_text("gamma\n")
+    (root / ".hidden").write_text("never\n")
+    whole = TokenData(prepare(data_cfg(tmp_path, name="books", source="text", path=str(root), val_fraction=0.5)))
+    assert whole.tokenizer.decode(np.concatenate([stream(whole, "train"), stream(whole, "val")])) == "alpha\nbeta\ngamma\n"
+    top = TokenData(prepare(data_cfg(tmp_path, name="books", source="text", path=str(root / "*.txt"), val_fraction=0.5)))
+    assert top.tokenizer.decode(np.concatenate([stream(top, "train"), stream(top, "val")])) == "alpha\nbeta\n"
+
+
+def test_missing_empty_and_binary_text_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="matches no file"):
+        prepare(data_cfg(tmp_path, source="text", path=str(tmp_path / "nope.txt")))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="only empty files"):
+        prepare(data_cfg(tmp_path, source="text", path=str(tmp_path / "empty.txt")))
+    (tmp_path / "blob.txt").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(UserError, match="not UTF-8"):
+        prepare(data_cfg(tmp_path, source="text", path=str(tmp_path / "blob.txt")))
+
+
+def test_url_download_verifies_checksum_and_renames_atomically(tmp_path):
+    import hashlib
+
+    remote = tmp_path / "remote" / "input.txt"
+    remote.parent.mkdir()
+    remote.write_text("to be or not to be\n" * 50)
+    good = hashlib.sha256(remote.read_bytes()).hexdigest()
+    downloads = tmp_path / "cache" / "downloads"
+    with pytest.raises(UserError, match="expected data.sha256=00"):
+        prepare(data_cfg(tmp_path, source="url", url=remote.as_uri(), sha256="00" * 32))
+    assert not downloads.exists() or not list(downloads.iterdir())  # nothing half-downloaded or unverified left
+    data = load_data(data_cfg(tmp_path, name="u", source="url", url=remote.as_uri(), sha256=good))
+    assert (downloads / "input.txt").read_bytes() == remote.read_bytes()
+    assert data.meta["source"] == {"source": "url", "sha256": good}
+
+
+def test_local_copy_with_wrong_checksum_is_a_user_error(tmp_path):
+    copy = tmp_path / "input.txt"
+    copy.write_text("not shakespeare\n")
+    with pytest.raises(UserError, match=f"expected data.sha256={SHAKESPEARE_SHA256}"):
+        prepare(data_cfg(tmp_path, source="url", path=str(copy), sha256=SHAKESPEARE_SHA256))
+    with pytest.raises(UserError, match="does not exist"):
+        prepare(data_cfg(tmp_path, source="url", path=str(tmp_path / "missing.txt")))
+
+
+# ---- the loader ----
+
+def test_same_key_same_batch_and_windows_are_real_slices(tmp_path):
+    data = load_data(data_cfg(tmp_path))
+    x, y = data.get_batch("train", 8, 32, (1337, 5, 0, 0))
+    again = data.get_batch("train", 8, 32, (1337, 5, 0, 0))
+    other = data.get_batch("train", 8, 32, (1337, 5, 1, 0))
+    assert x.dtype == np.int32 and x.shape == y.shape == (8, 32)
+    assert np.array_equal(x, again[0]) and np.array_equal(y, again[1])
+    assert not np.array_equal(x, other[0])
+    assert np.array_equal(x[:, 1:], y[:, :-1])
+    windows = np.lib.stride_tricks.sliding_window_view(stream(data, "train"), 33)
+    for row_x, row_y in zip(x, y):
+        match = windows[(windows[:, :32] == row_x).all(axis=1)]
+        assert len(match) and any(np.array_equal(m[1:], row_y) for m in match)
+
+
+def test_windows_cross_shard_boundaries_as_one_stream(tmp_path):
+    (tmp_path / "t.txt").write_text("".join(chr(ord("a") + i % 26) + ("\n" if i % 11 == 0 else "") for i in range(600)))
+    data = load_data(data_cfg(tmp_path, name="t", source="text", path=str(tmp_path / "t.txt"), shard_tokens=7))
+    train = data.meta["splits"]["train"]
+    assert len(train["shards"]) == -(-train["tokens"] // 7) and all(s["tokens"] == 7 for s in train["shards"][:-1])
+    tokens = stream(data, "train")
+    for key in range(30):
+        x, y = data.get_batch("train", 4, 16, (key,))
+        starts = np.random.default_rng((key,)).integers(0, len(tokens) - 16, size=4)
+        assert np.array_equal(x, np.stack([tokens[s:s + 16] for s in starts]))
+        assert np.array_equal(y, np.stack([tokens[s + 1:s + 17] for s in starts]))
+
+
+def test_split_shorter_than_a_block_names_split_and_fix(tmp_path):
+    (tmp_path / "t.txt").write_text("abcdefghij" * 9 + "abcdefghi\n")  # 100 characters: 90 train, 10 val
+    data = load_data(data_cfg(tmp_path, name="t", source="text", path=str(tmp_path / "t.txt")))
+    with pytest.raises(UserError, match=r"the val split .* 10 tokens.*lower trainer.block_size"):
+        data.get_batch("val", 2, 10, (0,))
+    assert data.get_batch("val", 2, 9, (0,))[0].shape == (2, 9)
+
+
+def test_missing_or_damaged_prepared_data_is_refused_and_prepared_again(tmp_path):
+    with pytest.raises(UserError, match="holds no prepared data"):
+        TokenData(tmp_path / "nothing")
+    cfg = data_cfg(tmp_path)
+    directory = prepare(cfg)
+    shard = directory / "train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match="delete .* and prepare again"):
+        TokenData(directory)
+    assert prepare(cfg) == directory and TokenData(directory).num_tokens("train") > 1000
+
+
+# ---- Hugging Face corpora (local fixtures, same load_dataset code path as the hub) ----
+
+def test_hf_parquet_documents_end_with_eot_and_split_as_nanogpt(tmp_path, tiktoken_cache):
+    docs = make_docs(300)
+    pq.write_table(pa.table({"text": docs, "id": list(range(300))}), tmp_path / "docs.parquet")
+    cfg = data_cfg(tmp_path, name="pq", source="hf", tokenizer="gpt2", hf_path="parquet",
+                   data_files=str(tmp_path / "docs.parquet"), val_size=0.02, num_proc=1, shard_tokens=5000)
+    data = load_data(cfg)
+    expected = datasets.Dataset.from_dict({"text": docs}).train_test_split(test_size=0.02, seed=2357)
+    assert documents(data, "val") == expected["test"]["text"]  # nanoGPT's split and order
+    assert documents(data, "train") == expected["train"]["text"]
+    splits = data.meta["splits"]
+    assert (splits["val"]["documents"], splits["train"]["documents"]) == (6, 294) and len(splits["train"]["shards"]) >= 3
+    assert data.meta["tokenizer"] == {"name": "gpt2"} and data.vocab_size == 50257
+
+
+def test_hf_jsonl_stream_splits_by_hash_deterministically(tmp_path, tiktoken_cache):
+    docs = make_docs(400)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    cfg = dict(name="js", source="hf", tokenizer="gpt2", hf_path="json", data_files=[str(tmp_path / "docs.jsonl")],
+               text_column="body", streaming=True, val_size=0.1, num_proc=1, shard_tokens=10_000)
+    data = load_data(data_cfg(tmp_path, **cfg))
+    train, val = documents(data, "train"), documents(data, "val")
+    assert sorted(train + val) == sorted(docs) and 20 <= len(val) <= 60
+    assert train == [d for d in docs if d in set(train)]  # stream order kept
+    again = load_data(data_cfg(tmp_path, cache="other", **cfg))
+    assert documents(again, "val") == val
+
+
+def test_hf_saved_dataset_dir_and_max_documents(tmp_path, tiktoken_cache):
+    docs = make_docs(120)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs})}).save_to_disk(str(tmp_path / "saved"))
+    data = load_data(data_cfg(tmp_path, name="saved", source="hf", tokenizer="gpt2", path=str(tmp_path / "saved"),
+                              val_size=0.05, num_proc=1, max_documents=100))
+    got = documents(data, "train") + documents(data, "val")
+    assert len(got) == 100 and sorted(got) == sorted(docs[:100])
+    assert data.meta["splits"]["val"]["documents"] == 5
+
+
+def test_hf_bad_settings_are_user_errors(tmp_path, tiktoken_cache):
+    pq.write_table(pa.table({"text": make_docs(20)}), tmp_path / "docs.parquet")
+    base = dict(source="hf", hf_path="parquet", data_files=str(tmp_path / "docs.parquet"), num_proc=1)
+    with pytest.raises(UserError, match="no column 'content'"):
+        prepare(data_cfg(tmp_path, tokenizer="gpt2", text_column="content", **base))
+    with pytest.raises(UserError, match="use data.tokenizer=gpt2"):
+        prepare(data_cfg(tmp_path, tokenizer="char", **base))
+    with pytest.raises(UserError, match="cannot load the dataset"):
+        prepare(data_cfg(tmp_path, tokenizer="gpt2", **{**base, "data_files": str(tmp_path / "missing.parquet")}))
+
+
+def test_worker_processes_give_the_same_tokens_as_one_process(tmp_path, tiktoken_cache):
+    pq.write_table(pa.table({"text": make_docs(700)}), tmp_path / "docs.parquet")
+    cfg = dict(name="pq", source="hf", tokenizer="gpt2", hf_path="parquet", data_files=str(tmp_path / "docs.parquet"),
+               val_size=0.01, shard_tokens=20_000)
+    one = load_data(data_cfg(tmp_path, cache="one", num_proc=1, **cfg))
+    two = load_data(data_cfg(tmp_path, cache="two", num_proc=2, **cfg))
+    assert one.meta == two.meta
+    assert all(np.array_equal(stream(one, s), stream(two, s)) for s in ("train", "val"))
+
+
+def interrupted_corpus(tmp_path: Path) -> dict:
+    pq.write_table(pa.table({"text": make_docs(2000)}), tmp_path / "docs.parquet")
+    return dict(name="pq", source="hf", tokenizer="gpt2", hf_path="parquet", data_files=str(tmp_path / "docs.parquet"),
+                val_size=0.01, num_proc=1, shard_tokens=3000)
+
+
+class Interrupted(Exception):
+    """Stands for any failure in the middle of a prepare (Ctrl-C, out of disk, a bad document)."""
+
+
+def counting_tokenizer(monkeypatch) -> list:
+    """Record how many documents each call of the real tokenize step gets."""
+    calls = []
+
+    def tokenize(texts, split):
+        calls.append(len(texts))
+        return REAL_TOKENIZE(texts, split)
+
+    monkeypatch.setattr(prepare_module, "_tokenize_batch", tokenize)
+    return calls
+
+
+def interrupt(monkeypatch, where: str) -> None:
+    """Fail at the 4th tokenize call, or at the 3rd checkpoint (after its shards got their final names)."""
+    if where == "tokenize":
+        calls = []
+
+        def tokenize(texts, split):
+            if len(calls) == 3:
+                raise Interrupted
+            calls.append(len(texts))
+            return REAL_TOKENIZE(texts, split)
+
+        monkeypatch.setattr(prepare_module, "_tokenize_batch", tokenize)
+        return
+    real_write, checkpoints = prepare_module._write_json, []
+
+    def write_json(path, data):
+        if path.name == "progress.json" and len(checkpoints) == 2:
+            raise Interrupted
+        checkpoints.append(path.name)
+        real_write(path, data)
+
+    monkeypatch.setattr(prepare_module, "_write_json", write_json)
+
+
+def assert_resumes_to_clean_output(tmp_path, monkeypatch, cfg: dict, total_documents: int) -> None:
+    directory = next((tmp_path / "cache" / "prepared").iterdir())
+    assert not (directory / "meta.json").exists()
+    with pytest.raises(UserError):
+        TokenData(directory)
+    cursor = json.loads((directory / "progress.json").read_text())["cursor"]
+    assert 0 < cursor < total_documents
+    monkeypatch.setattr(prepare_module, "_write_json", REAL_WRITE_JSON)
+    calls = counting_tokenizer(monkeypatch)
+    resumed = TokenData(prepare(data_cfg(tmp_path, **cfg)))
+    assert sum(calls) == total_documents - cursor  # continued from the last checkpoint
+    clean = TokenData(prepare(data_cfg(tmp_path, cache="clean", **cfg)))
+    assert resumed.directory == directory and resumed.meta == clean.meta
+    assert {p.name for p in directory.glob("*.bin")} == {p.name for p in clean.directory.glob("*.bin")}
+    assert all((directory / p.name).read_bytes() == p.read_bytes() for p in clean.directory.glob("*.bin"))
+    assert not list(directory.glob(".*.part")) and not (directory / "progress.json").exists()
+
+
+@pytest.mark.parametrize("where", ["tokenize", "checkpoint"])
+def test_interrupted_prepare_leaves_nothing_accepted_and_resumes(tmp_path, tiktoken_cache, monkeypatch, where):
+    cfg = interrupted_corpus(tmp_path)
+    interrupt(monkeypatch, where)
+    with pytest.raises(Interrupted):
+        prepare(data_cfg(tmp_path, **cfg))
+    if where == "checkpoint":  # shards completed after the last checkpoint exist under final names
+        directory = next((tmp_path / "cache" / "prepared").iterdir())
+        progress = json.loads((directory / "progress.json").read_text())
+        listed = {s["file"] for w in progress["writers"].values() for s in w["shards"]}
+        assert {p.name for p in directory.glob("*.bin")} - listed
+    assert_resumes_to_clean_output(tmp_path, monkeypatch, cfg, total_documents=2000)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_killed_prepare_process_resumes_to_identical_output(tmp_path, tiktoken_cache, monkeypatch):
+    cfg = interrupted_corpus(tmp_path)
+    script = f"""
+import importlib, json, os, signal
+import mlxgpt, datasets
+from omegaconf import OmegaConf
+datasets.config.HF_DATASETS_CACHE = {str(tmp_path / "hf_cache")!r}
+module = importlib.import_module("mlxgpt.data.prepare")
+real_write, checkpoints = module._write_json, []
+def killed_at_third_checkpoint(path, data):
+    if path.name == "progress.json" and len(checkpoints) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    checkpoints.append(path.name)
+    real_write(path, data)
+module._write_json = killed_at_third_checkpoint
+module.prepare(OmegaConf.create(json.loads({json.dumps(OmegaConf.to_container(data_cfg(tmp_path, **cfg)))!r})))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    assert_resumes_to_clean_output(tmp_path, monkeypatch, cfg, total_documents=2000)

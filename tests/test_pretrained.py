@@ -1,0 +1,208 @@
+"""GPT-2 weights in Hugging Face format: name/layout mapping, export, load, errors, offline hub cache."""
+import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from omegaconf import OmegaConf
+
+from mlxgpt.errors import UserError
+from mlxgpt.model import GPT, GPTConfig
+from mlxgpt.pretrained import GPT2_SIZES, MODEL_CONFIGS, export_hf, hf_to_mlxgpt, load_pretrained, mlxgpt_to_hf
+
+CONFIG = GPTConfig(block_size=16, vocab_size=96, n_layer=2, n_head=2, n_embd=32)
+
+
+def make_model(config: GPTConfig = CONFIG) -> GPT:
+    mx.random.seed(0)
+    model = GPT(config)
+    model.eval()
+    return model
+
+
+def params_of(model: GPT) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.parameters()))
+
+
+def assert_same_arrays(a: dict[str, mx.array], b: dict[str, mx.array]):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and mx.array_equal(a[name], b[name]), name
+
+
+def test_hf_mapping_transposes_conv1d_and_drops_buffers_and_head():
+    params = params_of(make_model())
+    hf = mlxgpt_to_hf(params)
+    assert "transformer.h.1.attn.c_attn.weight" in hf and "transformer.ln_f.bias" in hf
+    assert hf["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D: (in, out)
+    assert hf["transformer.h.0.mlp.c_proj.weight"].shape == (128, 32)
+    assert hf["transformer.wte.weight"].shape == (96, 32)  # embeddings are not transposed
+    with_extras = dict(hf)
+    with_extras["lm_head.weight"] = hf["transformer.wte.weight"]
+    with_extras["transformer.h.0.attn.bias"] = mx.ones((1, 1, 16, 16))
+    with_extras["transformer.h.0.attn.masked_bias"] = mx.array(-1e4)
+    assert_same_arrays(hf_to_mlxgpt(with_extras), params)
+    unprefixed = {name.removeprefix("transformer."): value for name, value in hf.items()}  # as gpt2's own file
+    assert_same_arrays(hf_to_mlxgpt(unprefixed), params)
+
+
+def test_export_then_load_is_exact(tmp_path):
+    model = make_model()
+    out = export_hf(model, tmp_path / "hf")
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["architectures"] == ["GPT2LMHeadModel"] and hf_config["activation_function"] == "gelu_new"
+    assert (hf_config["n_layer"], hf_config["n_positions"], hf_config["vocab_size"]) == (2, 16, 96)
+    with open(out / "model.safetensors", "rb") as f:  # safetensors header: 8-byte length, then JSON
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert header["__metadata__"] == {"format": "pt"}
+    config, params = load_pretrained(str(out))
+    assert config == CONFIG
+    assert_same_arrays(params, params_of(model))
+    loaded = GPT(config)
+    loaded.load_weights(list(params.items()))  # strict: every name and shape
+    loaded.eval()
+    idx = mx.array([[1, 2, 3, 4]])
+    assert mx.array_equal(loaded(idx), model(idx))
+
+
+def test_export_keeps_bfloat16(tmp_path):
+    model = make_model()
+    model.set_dtype(mx.bfloat16)
+    config, params = load_pretrained(str(export_hf(model, tmp_path)))
+    assert_same_arrays(params, params_of(model))
+
+
+def test_bias_free_padded_vocab_model_exports_with_zero_biases(tmp_path):
+    model = make_model(replace(CONFIG, bias=False, vocab_size=128))
+    config, params = load_pretrained(str(export_hf(model, tmp_path)))
+    assert config.vocab_size == 128 and config.bias
+    assert mx.array_equal(params["h.0.attn.c_attn.bias"], mx.zeros((96,)))
+    assert mx.array_equal(params["ln_f.bias"], mx.zeros((32,)))
+    loaded = GPT(config)
+    loaded.load_weights(list(params.items()))
+    loaded.eval()
+    idx = mx.array([[5, 6, 7]])
+    assert mx.allclose(loaded(idx), model(idx), atol=1e-6)
+
+
+def test_export_refuses_to_overwrite(tmp_path):
+    model = make_model()
+    export_hf(model, tmp_path)
+    with pytest.raises(UserError, match="overwrite=True"):
+        export_hf(model, tmp_path)
+    export_hf(model, tmp_path, overwrite=True)
+
+
+def gpt2_sized_dir(tmp_path):
+    """A directory whose config.json has GPT-2 124M sizes (the size checks run before the weights are read)."""
+    config = dict(model_type="gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    return str(tmp_path)
+
+
+def test_size_mismatch_names_both_sizes_and_the_fix(tmp_path):
+    with pytest.raises(UserError) as error:
+        load_pretrained(gpt2_sized_dir(tmp_path), CONFIG)
+    message = str(error.value)
+    assert "n_layer=2 n_head=2 n_embd=32" in message and "n_layer=12 n_head=12 n_embd=768" in message
+    assert "model=gpt2_small" in message
+
+
+@pytest.mark.parametrize("name", list(GPT2_SIZES))
+def test_the_model_config_named_in_the_hint_has_the_checkpoint_sizes(name):
+    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / f"{MODEL_CONFIGS[name]}.yaml")
+    assert dict(n_layer=conf.n_layer, n_head=conf.n_head, n_embd=conf.n_embd) == GPT2_SIZES[name]
+
+
+def test_block_size_beyond_the_checkpoint_is_refused(tmp_path):
+    with pytest.raises(UserError, match="block_size=2048"):
+        load_pretrained(gpt2_sized_dir(tmp_path), GPTConfig(block_size=2048))
+
+
+def test_smaller_block_size_and_dropout_come_from_the_model_config(tmp_path):
+    model = make_model()
+    export_hf(model, tmp_path)
+    config, params = load_pretrained(str(tmp_path), replace(CONFIG, block_size=8, dropout=0.1, vocab_size=50304))
+    assert (config.block_size, config.dropout, config.vocab_size) == (8, 0.1, 96)
+    assert mx.array_equal(params["wpe.weight"], model.wpe.weight[:8])
+
+
+def test_missing_files_and_unknown_names_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="hf download"):
+        load_pretrained("gpt3")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_pretrained(str(tmp_path))
+
+
+def test_corrupt_weights_file_is_a_user_error(tmp_path):
+    export_hf(make_model(), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_pretrained(str(tmp_path))
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache with the hub in offline mode."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_hub_name_without_network_or_cache_explains_the_offline_route(offline_hub_cache):
+    with pytest.raises(UserError, match="hf download gpt2 config.json model.safetensors --local-dir"):
+        load_pretrained("gpt2")
+
+
+def test_hub_name_loads_from_the_cache_offline(offline_hub_cache, tmp_path):
+    model = make_model()
+    commit = "0" * 40  # the hub cache layout: refs/main names a snapshot directory
+    snapshot = offline_hub_cache / "models--gpt2" / "snapshots" / commit
+    export_hf(model, snapshot)
+    (offline_hub_cache / "models--gpt2" / "refs").mkdir()
+    (offline_hub_cache / "models--gpt2" / "refs" / "main").write_text(commit)
+    config, params = load_pretrained("gpt2")
+    assert config == CONFIG
+    assert_same_arrays(params, params_of(model))
+
+
+def test_transformers_loads_the_export_with_the_same_logits(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = make_model(replace(CONFIG, bias=False))
+    export_hf(model, tmp_path)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(idx)).logits.numpy()
+    np.testing.assert_allclose(np.array(model(mx.array(idx))), expected, atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_saved_by_transformers_loads_with_the_same_logits(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=96)
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # random biases and LayerNorm parameters too, so every mapping matters
+        for parameter in hf_model.parameters():
+            parameter.normal_(0.0, 0.2)
+    hf_model.save_pretrained(tmp_path)
+    config, params = load_pretrained(str(tmp_path))
+    model = GPT(config)
+    model.load_weights(list(params.items()))
+    model.eval()
+    idx = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(idx)).logits.numpy()
+    np.testing.assert_allclose(np.array(model(mx.array(idx))), expected, atol=1e-5, rtol=0)

@@ -1,0 +1,99 @@
+"""End to end: train.py and sample.py in subprocesses on tiny models (real Hydra, real data, real checkpoints)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=nano", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
+        "trainer.batch_size=4", "trainer.eval_iters=2", "trainer.log_interval=5", "logger=none",
+        "callbacks.sample.max_new_tokens=20"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(args, tmp_path, check=True, **kw):
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def records(run_dir: Path, event: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    """The logged loss sequence: (event, iter, train loss, val loss) of every record."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append((r["event"], r["iter"], r["train/loss"], r.get("val/loss")))
+    return out
+
+
+def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
+    proc = run(["train.py", *TINY, "trainer.max_iters=60", "trainer.eval_interval=20", "optimizer.lr=3e-3",
+                f"paths.log_dir={tmp_path}/logs", "run_name=r"], tmp_path)
+    run_dir = tmp_path / "logs/runs/r"
+    evals = records(run_dir, "eval")
+    assert [e["iter"] for e in evals] == [0, 20, 40, 60]
+    assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 0.5
+    assert (run_dir / "checkpoints/last/model.safetensors").is_file()
+    assert (run_dir / "checkpoints/best/state.json").is_file()
+    assert (run_dir / ".hydra/config.yaml").is_file()
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+    assert "sample after 60 iterations" in proc.stdout and "device cpu" in proc.stdout
+    assert "n_layer: 2" in proc.stdout  # the resolved config tree is printed
+    train = records(run_dir, "train")
+    assert all(r["tok_per_s"] > 0 and r["mfu"] is not None for r in train)
+
+    out = run(["sample.py", f"checkpoint={run_dir}", "prompt=def", "num_samples=2", "max_new_tokens=30",
+               "seed=3"], tmp_path).stdout
+    assert out.count("--- sample") == 2 and out.count("\ndef") == 2
+    again = run(["sample.py", f"checkpoint={run_dir}", "prompt=def", "num_samples=2", "max_new_tokens=30",
+                 "seed=3"], tmp_path).stdout
+    assert again == out  # seeded
+
+    refused = run(["train.py", *TINY, "trainer.max_iters=60", f"paths.log_dir={tmp_path}/logs", "run_name=r"],
+                  tmp_path, check=False)
+    assert refused.returncode == 2 and "trainer.resume=auto" in refused.stderr
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"  # nothing overwritten
+
+    ev = run(["train.py", *TINY, f"init_from={run_dir}", "trainer.eval_only=true", f"paths.log_dir={tmp_path}/logs",
+              "run_name=e"], tmp_path)
+    assert "eval only" in ev.stdout
+    result = json.loads((tmp_path / "logs/runs/e/result.json").read_text())
+    assert result["val/loss"] == pytest.approx(evals[-1]["val/loss"], abs=0.1)
+
+
+def test_kill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    common = [*TINY, "model.dropout=0.1", "trainer.max_iters=150", "trainer.eval_interval=10",
+              "trainer.gradient_accumulation_steps=2", f"paths.log_dir={tmp_path}/logs"]
+    run(["train.py", *common, "run_name=full"], tmp_path)
+
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, "run_name=killed"], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "logs/runs/killed/checkpoints/iter_0000030"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(json.loads(ln)["iter"] for ln in
+                    (tmp_path / "logs/runs/killed/metrics.jsonl").read_text().splitlines() if ln.endswith("}"))
+    assert killed_at < 150
+
+    run(["train.py", *common, "run_name=killed", "trainer.resume=auto"], tmp_path)
+    full, resumed = losses(tmp_path / "logs/runs/full"), losses(tmp_path / "logs/runs/killed")
+    assert len(full) == len(resumed) and resumed == full

@@ -1,0 +1,117 @@
+"""Read an offline W&B run file (`run-<id>.wandb`) back: its protobuf records, config, run info, history, summary.
+
+The file is a leveldb-style log: a 7-byte header (`:W&B`, magic 0xBEE1, version 0), then 32 KiB blocks of
+records, each `crc32 (4) | length (2) | type (1) | payload`, a payload split FIRST/MIDDLE/LAST across blocks;
+the crc32 covers the type byte and the payload. Payloads are `wandb_internal_pb2.Record` protobufs.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from wandb.proto import wandb_internal_pb2
+
+HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
+BLOCK_SIZE = 32 * 1024
+RECORD_HEADER = struct.Struct("<IHB")  # crc32, payload length, chunk type
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: str | Path) -> Iterator[wandb_internal_pb2.Record]:
+    """Every record of the file in order; a torn tail (a run still writing) ends the iteration."""
+    data = Path(path).read_bytes()
+    if not data.startswith(HEADER):
+        raise ValueError(f"{path} is not a W&B run file (header {data[:7]!r})")
+    pos, parts = len(HEADER), []
+    while True:
+        room = BLOCK_SIZE - pos % BLOCK_SIZE
+        if room < RECORD_HEADER.size:  # a block's tail too small for a header is zero padding
+            pos += room
+            continue
+        if pos + RECORD_HEADER.size > len(data):
+            return
+        crc, length, kind = RECORD_HEADER.unpack_from(data, pos)
+        start = pos + RECORD_HEADER.size
+        payload = data[start:start + length]
+        if len(payload) < length:
+            return
+        if zlib.crc32(bytes([kind]) + payload) != crc:
+            raise ValueError(f"{path}: checksum mismatch in the record at byte {pos}")
+        pos = start + length
+        parts.append(payload)
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            parts = []
+            yield record
+
+
+def _key(item) -> str:
+    """A history/summary item's key; nested keys (e.g. a table's `samples`, `nrows`) join with '.'."""
+    return item.key or ".".join(item.nested_key)
+
+
+@dataclass
+class OfflineRun:
+    """What one offline run file says about its run."""
+
+    run_id: str = ""
+    project: str = ""
+    group: str = ""
+    name: str = ""
+    job_type: str = ""
+    tags: list[str] = field(default_factory=list)
+    resumed: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # define_metric: name -> its MetricRecord
+    artifacts: list[Any] = field(default_factory=list)  # ArtifactRecords (type, name, aliases, manifest)
+    exit_code: int | None = None
+
+    def values(self, key: str) -> list[Any]:
+        """A metric's logged values, in order."""
+        return [row[key] for row in self.history if key in row]
+
+
+def read_run(path: str | Path) -> OfflineRun:
+    """Fold the records of a run file into an OfflineRun."""
+    run = OfflineRun()
+    for record in read_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run.run_id, run.project, run.group = r.run_id, r.project, r.run_group
+            run.name, run.job_type, run.tags, run.resumed = r.display_name, r.job_type, list(r.tags), r.resumed
+            _update_config(run.config, r.config)
+        elif kind == "config":
+            _update_config(run.config, record.config)
+        elif kind == "history":
+            run.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "summary":
+            for item in record.summary.update:
+                run.summary[_key(item)] = json.loads(item.value_json)
+        elif kind == "metric":
+            run.metrics[record.metric.name or record.metric.glob_name] = record.metric
+        elif kind == "artifact":
+            run.artifacts.append(record.artifact)
+        elif kind == "exit":
+            run.exit_code = record.exit.exit_code
+    return run
+
+
+def _update_config(config: dict, record) -> None:
+    for item in record.update:
+        if _key(item) != "_wandb":
+            config[_key(item)] = json.loads(item.value_json)
+    for item in record.remove:
+        config.pop(_key(item), None)
+
+
+def find_run_files(root: str | Path) -> list[Path]:
+    """The run files under a directory (the real `*-run-*` dirs, not the `latest-run` link)."""
+    return sorted(p for p in Path(root).rglob("run-*.wandb") if "latest-run" not in p.parts)
