@@ -2,13 +2,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from mlxgpt.cli import run_hydra
+from mlxgpt.cli import exit_on_user_error, run_hydra
 from mlxgpt.config import register_configs
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     from mlxgpt.sampling import sample
 

@@ -68,11 +68,22 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     assert refused.returncode == 2 and "trainer.resume=auto" in refused.stderr
     assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"  # nothing overwritten
 
+    exported = run(["export.py", f"checkpoint={run_dir}", "format=hf", f"out={tmp_path}/hf"], tmp_path)
+    assert "exported iteration 60" in exported.stdout
+    assert (tmp_path / "hf/config.json").is_file() and (tmp_path / "hf/model.safetensors").is_file()
+    again = run(["export.py", f"checkpoint={run_dir}", f"out={tmp_path}/hf"], tmp_path, check=False)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1  # refuses to overwrite, one line
+    hf_init = run(["train.py", *TINY, f"init_from={tmp_path}/hf", "trainer.eval_only=true",
+                   f"paths.log_dir={tmp_path}/logs", "run_name=hf"], tmp_path)
+    assert "eval only" in hf_init.stdout
+
     ev = run(["train.py", *TINY, f"init_from={run_dir}", "trainer.eval_only=true", f"paths.log_dir={tmp_path}/logs",
               "run_name=e"], tmp_path)
     assert "eval only" in ev.stdout
     result = json.loads((tmp_path / "logs/runs/e/result.json").read_text())
     assert result["val/loss"] == pytest.approx(evals[-1]["val/loss"], abs=0.1)
+    from_hf = json.loads((tmp_path / "logs/runs/hf/result.json").read_text())
+    assert from_hf["val/loss"] == pytest.approx(result["val/loss"], abs=1e-4)  # export -> import keeps the model
 
 
 def test_kill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 VAL_SIZE, SEED = 0.0005, 2357  # nanoGPT's openwebtext split
+CORPUS_FILES = 8
 PIPELINES = {
     "nanogpt": "nanoGPT-style: datasets.map + np.memmap",
     "mlxgpt": "mlxgpt prepare",
@@ -28,8 +29,8 @@ PIPELINES = {
 }
 
 
-def make_corpus(directory: Path, megabytes: float, files: int = 8) -> tuple[int, int]:
-    """Write parquet files of English-like documents (3-40 random pydoc paragraphs each); (documents, bytes)."""
+def make_corpus(directory: Path, megabytes: float) -> None:
+    """Write parquet files of English-like documents (3-40 random pydoc paragraphs each); print the counts as JSON."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -42,12 +43,12 @@ def make_corpus(directory: Path, megabytes: float, files: int = 8) -> tuple[int,
         docs.append("\n\n".join(rng.choices(paragraphs, k=rng.randint(3, 40))))
         size += len(docs[-1].encode())
     directory.mkdir(parents=True, exist_ok=True)
-    for i in range(files):
-        pq.write_table(pa.table({"text": docs[i::files]}), directory / f"part-{i:03d}.parquet")
-    return len(docs), size
+    for i in range(CORPUS_FILES):
+        pq.write_table(pa.table({"text": docs[i::CORPUS_FILES]}), directory / f"part-{i:03d}.parquet")
+    print(json.dumps({"documents": len(docs), "bytes": size}))
 
 
-def run_mlxgpt(corpus: Path, out: Path, num_proc: int, streaming: bool) -> dict[str, np.ndarray]:
+def run_mlxgpt(corpus: Path, out: Path, num_proc: int, streaming: bool) -> dict[str, list[Path]]:
     from omegaconf import OmegaConf
 
     from mlxgpt.config import DataConfig
@@ -57,11 +58,10 @@ def run_mlxgpt(corpus: Path, out: Path, num_proc: int, streaming: bool) -> dict[
         name="bench", source="hf", tokenizer="gpt2", hf_path="parquet", data_files=str(corpus / "*.parquet"),
         val_size=VAL_SIZE, split_seed=SEED, num_proc=num_proc, streaming=streaming, cache_dir=str(out)))
     data = TokenData(prepare(cfg))
-    return {split: np.concatenate([np.memmap(data.directory / s["file"], dtype=np.uint16, mode="r") for s in info["shards"]])
-            for split, info in data.meta["splits"].items()}
+    return {split: [data.directory / s["file"] for s in info["shards"]] for split, info in data.meta["splits"].items()}
 
 
-def run_nanogpt_style(corpus: Path, out: Path, num_proc: int) -> dict[str, np.ndarray]:
+def run_nanogpt_style(corpus: Path, out: Path, num_proc: int) -> dict[str, list[Path]]:
     """nanoGPT's data/openwebtext/prepare.py approach, on a local parquet corpus (written here, not copied)."""
     import datasets
     import tiktoken
@@ -85,7 +85,7 @@ def run_nanogpt_style(corpus: Path, out: Path, num_proc: int) -> dict[str, np.nd
             tokens[at:at + len(ids)] = ids
             at += len(ids)
         tokens.flush()
-        result[split] = tokens
+        result[split] = [out / f"{split}.bin"]
     return result
 
 
@@ -101,46 +101,49 @@ def child(pipeline: str, corpus: Path, out: Path, num_proc: int) -> None:
     seconds = time.perf_counter() - started
     to_bytes = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) * to_bytes
-    digest = hashlib.sha256(b"".join(np.ascontiguousarray(splits[s]).tobytes() for s in ("train", "val"))).hexdigest()
-    print(json.dumps({"tokens": int(sum(len(a) for a in splits.values())), "val_tokens": int(len(splits["val"])),
-                      "seconds": seconds, "peak_bytes": peak, "sha256": digest}))
+    digest = hashlib.sha256()
+    for path in splits["train"] + splits["val"]:
+        digest.update(path.read_bytes())
+    tokens = sum(p.stat().st_size for paths in splits.values() for p in paths) // 2
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "peak_bytes": peak, "sha256": digest.hexdigest()}))
+
+
+def run_child(*args: str, env: dict | None = None) -> dict:
+    """Run this module with args in a child process; its last stdout line as JSON.
+
+    Children do all the heavy work: a child's ru_maxrss starts from its parent's RSS at fork time, so this
+    process stays small (it imports nothing beyond the standard library and numpy).
+    """
+    done = subprocess.run([sys.executable, "-m", "mlxgpt.bench_prepare", *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure(pipeline: str, corpus: Path, work: Path, num_proc: int) -> dict:
     out = work / pipeline
     out.mkdir()
     env = {**os.environ, "HF_DATASETS_CACHE": str(out / "hf_cache")}  # cold cache: both pay the arrow conversion
-    cmd = [sys.executable, "-m", "mlxgpt.bench_prepare", "--child", pipeline, "--corpus", str(corpus), "--out", str(out),
-           "--num-proc", str(num_proc)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{pipeline} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child("--child", pipeline, "--corpus", str(corpus), "--out", str(out), "--num-proc", str(num_proc), env=env)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=float, default=40, help="corpus size in MB of UTF-8 text")
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="worker processes for both pipelines")
-    parser.add_argument("--child", choices=PIPELINES, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=[*PIPELINES, "corpus"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "corpus":
+        return make_corpus(args.out, args.mb)
     if args.child:
         return child(args.child, args.corpus, args.out, args.num_proc)
-
-    from mlxgpt.errors import UserError
-    from mlxgpt.tokenizer import GPT2Tokenizer
-
-    try:
-        GPT2Tokenizer()
-    except UserError as e:
-        raise SystemExit(str(e)) from None
     with tempfile.TemporaryDirectory(prefix="mlxgpt-bench-prepare-") as tmp:
         work = Path(tmp)
-        n_docs, n_bytes = make_corpus(work / "corpus", args.mb)
-        print(f"corpus: {n_docs:,} documents, {n_bytes / 1e6:.1f} MB in 8 parquet files; {args.num_proc} worker processes; "
-              f"{os.cpu_count()} CPUs; val_size {VAL_SIZE}, seed {SEED}\n", flush=True)
+        corpus = run_child("--child", "corpus", "--out", str(work / "corpus"), "--mb", str(args.mb))
+        print(f"corpus: {corpus['documents']:,} documents, {corpus['bytes'] / 1e6:.1f} MB in {CORPUS_FILES} parquet files; "
+              f"{args.num_proc} worker processes; {os.cpu_count()} CPUs; val_size {VAL_SIZE}, seed {SEED}\n", flush=True)
         results = {p: measure(p, work / "corpus", work, args.num_proc) for p in PIPELINES}
     base = results["nanogpt"]
     print("| pipeline | tokens | seconds | tokens/s | peak RSS (MB) | throughput vs nanoGPT | peak RSS vs nanoGPT |")

@@ -1,6 +1,7 @@
 """Entry-point plumbing: run a Hydra app so that user errors end in one line and a non-zero exit."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Callable
@@ -45,6 +46,19 @@ def run_hydra(main: Callable[[], object]) -> None:
         fail(str(e))
     except (HydraException, OmegaConfBaseException) as e:
         fail(one_line(e))
+
+
+def exit_on_user_error(task: Callable) -> Callable:
+    """Wrap a Hydra task so a UserError ends the process with one line (Hydra would add its own report)."""
+
+    @functools.wraps(task)
+    def wrapper(cfg):
+        try:
+            return task(cfg)
+        except UserError as e:
+            fail(str(e))
+
+    return wrapper
 
 
 def fail(message: str) -> None:

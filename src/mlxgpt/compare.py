@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mlxgpt.cli import EXIT_USER_ERROR
+from mlxgpt.cli import fail
 from mlxgpt.errors import UserError
 
 IGNORED_KEYS = ("hydra.", "paths.", "logger.mode", "trainer.resume")  # where a run is kept, not what it does
@@ -257,6 +257,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         written = compare(args.paths, args.out)
     except UserError as e:
-        parser.exit(EXIT_USER_ERROR, f"error: {e}\n")
+        fail(str(e))
     print(Path(written[0]).read_text())
     print("wrote " + ", ".join(map(str, written)))

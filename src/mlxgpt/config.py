@@ -132,10 +132,20 @@ class SampleConfig:
     use_cache: bool = True
 
 
+@dataclass
+class ExportConfig:
+    checkpoint: str = "???"  # a run dir or checkpoint dir
+    which: str = "best"  # best | last
+    format: str = "hf"  # hf: a Hugging Face GPT-2 directory (config.json + model.safetensors)
+    out: str = "???"
+    overwrite: bool = False
+
+
 def register_configs() -> None:
     """Register the schemas that conf/config.yaml and conf/sample.yaml extend (unknown keys, wrong types rejected)."""
     ConfigStore.instance().store(name="mlxgpt_schema", node=Config)
     ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 CHOICES = {

@@ -8,6 +8,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mlxgpt.compare import best_run, describe, load_runs, varying_keys, write_table
+from mlxgpt.errors import UserError
 
 
 class SweepSummary(Callback):
@@ -15,12 +16,10 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
-            return
         try:
             runs = load_runs([sweep_dir])
-        except Exception as e:  # the summary is a convenience: never turn a finished sweep into an error
-            print(f"mlxgpt: no sweep summary written ({e})")
+        except UserError as e:  # no job got as far as writing its run dir
+            print(f"mlxgpt: no sweep summary written: {e}")
             return
         md, csv = write_table(runs, sweep_dir, "summary")
         failed = [r for r in runs if r.status != "ok"]

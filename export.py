@@ -1,0 +1,26 @@
+"""Export a trained run as a Hugging Face GPT-2 directory: `python export.py checkpoint=<run dir> out=<dir>`."""
+import hydra
+from omegaconf import DictConfig
+
+from mlxgpt.cli import exit_on_user_error, run_hydra
+from mlxgpt.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    from mlxgpt.errors import UserError
+    from mlxgpt.pretrained import export_hf
+    from mlxgpt.sampling import load_model
+
+    if cfg.format != "hf":
+        raise UserError(f"invalid format={cfg.format}: the supported format is hf")
+    model, _, state = load_model(cfg.checkpoint, cfg.which)
+    out = export_hf(model, cfg.out, overwrite=cfg.overwrite)
+    print(f"exported iteration {state['iter']} of {cfg.checkpoint} to {out} (Hugging Face GPT-2 format)")
+
+
+if __name__ == "__main__":
+    run_hydra(main)
