@@ -35,3 +35,6 @@ clean:
 
 bench-sample:  ## greedy sampling speed with and without the KV cache (tokens must match)
 	$(PY) -m mlxgpt.bench_sample $(ARGS)
+
+bench-prepare:  ## data prepare throughput and peak memory vs a nanoGPT-style datasets.map + memmap, side by side
+	$(PY) -m mlxgpt.bench_prepare $(ARGS)

@@ -33,14 +33,7 @@ SPLITS = ("train", "val")
 
 def prepare(cfg) -> Path:
     """Prepare cfg's corpus unless already done; returns its directory."""
-    if cfg.source == "hf":
-        text = None
-        spec = {"source": {**hf_identity(cfg), "max_documents": cfg.max_documents},
-                "split": {"val_size": cfg.val_size, "seed": cfg.split_seed, "by": "hash" if cfg.streaming else "train_test_split"}}
-    else:
-        text, sha256 = read_text(cfg)
-        spec = {"source": {"source": cfg.source, "sha256": sha256}, "split": {"val_fraction": cfg.val_fraction}}
-    spec.update(format=FORMAT, tokenizer=cfg.tokenizer)
+    text, spec = _source_and_spec(cfg)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     directory = Path(cfg.cache_dir).expanduser() / "prepared" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', cfg.name)}-{key}"
     if _is_prepared(directory):
@@ -61,6 +54,17 @@ def prepare(cfg) -> Path:
     return directory
 
 
+def _source_and_spec(cfg) -> tuple[str | None, dict]:
+    """The text of a single-text corpus (None for HF), and everything that decides the prepared tokens."""
+    if cfg.source == "hf":
+        text, source = None, {**hf_identity(cfg), "max_documents": cfg.max_documents}
+        split = {"val_size": cfg.val_size, "seed": cfg.split_seed, "by": "hash" if cfg.streaming else "train_test_split"}
+    else:
+        text, sha256 = read_text(cfg)
+        source, split = {"source": cfg.source, "sha256": sha256}, {"val_fraction": cfg.val_fraction}
+    return text, {"format": FORMAT, "source": source, "split": split, "tokenizer": cfg.tokenizer}
+
+
 class ShardWriter:
     """Appends one split's tokens to shards of shard_tokens tokens; a shard gets its final name when full."""
 
@@ -69,7 +73,7 @@ class ShardWriter:
         self.shards = list(state["shards"]) if state else []  # completed: [{"file", "tokens"}]
         self.partial = state["partial"] if state else 0  # tokens in the open temporary shard
         temp, final = self._paths()
-        if self.partial and not temp.exists():
+        if self.partial and _size(temp) < 2 * self.partial:
             os.replace(final, temp)  # it was completed after the last checkpoint: continue it from there
         self._file = open(temp, "r+b" if self.partial else "wb")
         self._file.truncate(2 * self.partial)

@@ -14,9 +14,6 @@ from tqdm import tqdm
 
 from mlxgpt.errors import UserError
 
-SMALL_SOURCES = ("pydoc", "url", "text")
-
-
 def read_text(cfg) -> tuple[str, str]:
     """A single-text corpus (pydoc, url or text) and the sha256 of its content."""
     if cfg.source == "pydoc":
@@ -49,7 +46,8 @@ def url_file(cfg) -> tuple[Path, str]:
         if not path.is_file():
             raise UserError(f"data.path={cfg.path} does not exist; fix the path or unset it to download data.url")
     elif cfg.url:
-        path = Path(cfg.cache_dir).expanduser() / "downloads" / Path(urllib.parse.urlparse(cfg.url).path).name
+        name = Path(urllib.parse.urlparse(cfg.url).path).name or "download"
+        path = Path(cfg.cache_dir).expanduser() / "downloads" / f"{hashlib.sha256(cfg.url.encode()).hexdigest()[:12]}-{name}"
         if not path.is_file():
             _download(cfg.url, path, cfg.sha256)
     else:
@@ -61,7 +59,7 @@ def url_file(cfg) -> tuple[Path, str]:
 
 
 def text_files(pattern: str | None) -> list[Path]:
-    """The files named by a file path, a directory (all files below it) or a glob pattern, sorted."""
+    """The files named by data.path (a file, a directory or a glob pattern), sorted; UserError if none."""
     if not pattern:
         raise UserError("data.source=text needs data.path (a text file, a directory or a glob pattern)")
     found = _expand(pattern)
@@ -119,7 +117,7 @@ def _download(url: str, path: Path, sha256: str | None) -> None:
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             size = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=size, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
                 while chunk := response.read(1 << 20):
