@@ -7,7 +7,7 @@ PY := $(BIN)/python
 PIP_EXTRAS := dev$(if $(EXTRAS),$(comma)$(EXTRAS),)
 comma := ,
 
-.PHONY: install test test-fast train sample compare sweep bench bench-blas bench-prepare bench-sample clean
+.PHONY: install test test-fast train sample compare study-lr-depth bench bench-blas bench-prepare bench-sample clean
 
 install:  ## virtual environment + project + dependencies + fast CPU BLAS (Linux)
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,12 @@ bench-sample:  ## greedy sampling speed with and without the KV cache (tokens mu
 
 bench-prepare:  ## data prepare throughput and peak memory vs a nanoGPT-style datasets.map + memmap, side by side
 	$(PY) -m mlxgpt.bench_prepare $(ARGS)
+
+compare:  ## table + plots of runs: make compare RUNS=logs/multiruns/<sweep> [OUT=dir]
+	$(PY) compare.py $(RUNS) $(if $(OUT),--out $(OUT))
+
+study-lr-depth:  ## experiments/lr_depth: 3x3 lr x depth sweep on CPU, then its table and plots
+	$(eval SWEEP_DIR := logs/multiruns/lr_depth_$(shell date +%Y-%m-%d_%H-%M-%S))
+	$(PY) train.py -m sweep=lr_depth trainer.max_iters=300 trainer.eval_interval=50 trainer.eval_iters=10 \
+		schedule.warmup_iters=30 callbacks.sample.max_new_tokens=100 hydra.sweep.dir=$(SWEEP_DIR)
+	$(PY) compare.py $(SWEEP_DIR) --out experiments/lr_depth

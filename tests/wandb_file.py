@@ -65,7 +65,6 @@ class OfflineRun:
     name: str = ""
     job_type: str = ""
     tags: list[str] = field(default_factory=list)
-    resumed: bool = False
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -86,7 +85,7 @@ def read_run(path: str | Path) -> OfflineRun:
         if kind == "run":
             r = record.run
             run.run_id, run.project, run.group = r.run_id, r.project, r.run_group
-            run.name, run.job_type, run.tags, run.resumed = r.display_name, r.job_type, list(r.tags), r.resumed
+            run.name, run.job_type, run.tags = r.display_name, r.job_type, list(r.tags)
             _update_config(run.config, r.config)
         elif kind == "config":
             _update_config(run.config, record.config)

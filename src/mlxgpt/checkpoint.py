@@ -1,14 +1,19 @@
 """Checkpoints: `model.safetensors` + `optimizer.safetensors` + `state.json`, written atomically.
 
-Layout of `<run>/checkpoints/`: complete `iter_XXXXXXX/` directories (written under a temporary name, fsync'd,
-renamed) and `last` / `best` symlinks swapped atomically, so neither ever points at a partial write.
+Layout of `<run>/checkpoints/`: complete `iter_XXXXXXX/` directories and `last` / `best` symlinks. A directory is
+written under a hidden temporary name, fsync'd and renamed; a link is swapped with one rename; a directory is
+renamed to a hidden name before it is deleted. So a kill at any moment leaves `last` and `best` pointing at
+complete checkpoints, plus at most some hidden debris that loaders never look at and the next save removes.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
 from pathlib import Path
+from typing import Mapping
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -17,6 +22,10 @@ from mlxgpt.errors import UserError
 
 FORMAT = "mlxgpt-checkpoint"
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+ARRAY_FILES = FILES[:2]
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # what makes weights fit a model
+ITER_DIR = re.compile(r"iter_(\d+)(?:-(\d+))?")  # iter_0000040, or iter_0000040-1 for a second save of iteration 40
+DEBRIS = (".iter_*", ".last.tmp*", ".best.tmp*")  # left by a save or prune that was killed
 
 
 def _fsync(path: Path) -> None:
@@ -29,7 +38,7 @@ def _fsync(path: Path) -> None:
 
 def _point(link: Path, target_name: str) -> None:
     """Atomically make `link` a symlink to `target_name` (a sibling)."""
-    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
     os.symlink(target_name, tmp)
     os.replace(tmp, link)
@@ -38,41 +47,76 @@ def _point(link: Path, target_name: str) -> None:
 
 def save_checkpoint(ckpt_root: Path, model_params: dict, optimizer_state: dict, state: dict,
                     is_best: bool = False, keep: int = 1) -> Path:
-    """Write iter_<n>/ atomically, point `last` (and `best`) at it, keep the newest `keep` others."""
+    """Write iter_<n>/ atomically, point `last` (and `best`) at it, keep the newest `keep` others.
+
+    One writer per `ckpt_root` at a time (the run directory's lock): debris of earlier writers is removed."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"iter_{state['iter']:07d}"
-    final = ckpt_root / name
-    tmp = ckpt_root / f".{name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model_params)))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer_state)))
-    (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state}, indent=2))
-    for f in FILES:
-        _fsync(tmp / f)
-    _fsync(tmp)
-    if final.exists():  # the same iteration saved again (e.g. best after last): replace it whole
-        old = ckpt_root / f".{name}.old{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    _remove_debris(ckpt_root)
+    name = _free_name(ckpt_root, state["iter"])
+    tmp = ckpt_root / f".{name}.tmp"
+    try:
+        tmp.mkdir()
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model_params)))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer_state)))
+        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state}, indent=2))
+        for f in FILES:
+            _fsync(tmp / f)
+        _fsync(tmp)
+        os.replace(tmp, ckpt_root / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs; a kill leaves it as debris
+        raise
     _fsync(ckpt_root)
     _point(ckpt_root / "last", name)
     if is_best:
         _point(ckpt_root / "best", name)
     _prune(ckpt_root, keep)
-    return final
+    return ckpt_root / name
+
+
+def _free_name(ckpt_root: Path, iteration: int) -> str:
+    """iter_<n>, or iter_<n>-<k> when iteration n was saved before: a complete directory is never replaced."""
+    name, k = f"iter_{iteration:07d}", 0
+    while (ckpt_root / name).exists():
+        k += 1
+        name = f"iter_{iteration:07d}-{k}"
+    return name
+
+
+def _iteration_dirs(ckpt_root: Path) -> list[str]:
+    """Names of the complete checkpoint directories, oldest first."""
+    found = [(m, p.name) for p in ckpt_root.iterdir() if p.is_dir() and not p.is_symlink()
+             and (m := ITER_DIR.fullmatch(p.name))]
+    return [name for m, name in sorted(found, key=lambda f: (int(f[0][1]), int(f[0][2] or 0)))]
 
 
 def _prune(ckpt_root: Path, keep: int) -> None:
     """Delete all but the newest `keep` iteration dirs, never one that `last` or `best` points at."""
     pinned = {os.readlink(ckpt_root / n) for n in ("last", "best") if (ckpt_root / n).is_symlink()}
-    dirs = sorted(p.name for p in ckpt_root.glob("iter_*") if p.is_dir())
+    dirs = _iteration_dirs(ckpt_root)
     for name in dirs[: max(0, len(dirs) - keep)]:
         if name not in pinned:
-            shutil.rmtree(ckpt_root / name)
+            doomed = ckpt_root / f".{name}.del"
+            os.replace(ckpt_root / name, doomed)  # gone from view at once; a kill mid-delete leaves only debris
+            shutil.rmtree(doomed)
+
+
+def _remove_debris(ckpt_root: Path) -> None:
+    for pattern in DEBRIS:
+        for path in ckpt_root.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    """The checkpoint to continue from: what `last` points at, else (a kill before the first link) the newest one."""
+    last = ckpt_root / "last"
+    if last.is_symlink() and (last / "state.json").is_file():
+        return last.resolve()
+    dirs = _iteration_dirs(ckpt_root) if ckpt_root.is_dir() else []
+    return (ckpt_root / dirs[-1]).resolve() if dirs else None
 
 
 def resolve(path: str | Path, which: str = "last") -> Path:
@@ -93,9 +137,63 @@ def read_state(ckpt: Path) -> dict:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"checkpoint {ckpt} has an unreadable state.json ({e}); use another checkpoint") from None
-    if state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{ckpt} is not an mlxgpt checkpoint (state.json has no format={FORMAT!r})")
     return state
+
+
+def verify(ckpt: Path) -> dict:
+    """state.json, and every array file complete (its safetensors header matches its size), without loading arrays."""
+    state = read_state(ckpt)
+    for name in ARRAY_FILES:
+        path = ckpt / name
+        if not path.is_file():
+            raise UserError(f"checkpoint {ckpt} is incomplete: {name} is missing; use another checkpoint")
+        if not _complete_safetensors(path):
+            raise UserError(f"checkpoint file {path} is corrupt or truncated; use another checkpoint")
+    return state
+
+
+def _complete_safetensors(path: Path) -> bool:
+    """A safetensors file: 8-byte header length, JSON header, then exactly the data its tensors' offsets cover."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                return False
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return 8 + n + end == path.stat().st_size
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+        return False
+
+
+def check_model(ckpt: Path, state: dict, model_cfg: Mapping) -> None:
+    """UserError unless the checkpoint's model has the sizes in `model_cfg` (None values are not compared)."""
+    saved = state.get("model_config") or {}
+    if any(model_cfg.get(k) is not None and saved.get(k) != model_cfg.get(k) for k in MODEL_KEYS):
+        raise UserError(f"checkpoint {ckpt} is for a different model ({_size(saved)}) than this config "
+                        f"({_size(model_cfg)}); use the checkpoint's model settings or start a new run")
+
+
+def check_tokenizer(ckpt: Path, state: dict, tokenizer_meta: dict) -> None:
+    """UserError unless the data is tokenized exactly as the checkpoint's training data (the same token ids)."""
+    saved = state.get("tokenizer") or {}
+    if saved == tokenizer_meta:
+        return
+    if saved.get("name") == tokenizer_meta.get("name") == "char":
+        outside = sorted(set(tokenizer_meta["chars"]) - set(saved["chars"]))
+        problem = (f"has {len(outside)} characters outside the checkpoint's {len(saved['chars'])}-character "
+                   f"vocabulary ({''.join(outside[:10])!r})" if outside else
+                   "has a different character vocabulary (ids would mean other characters)")
+        raise UserError(f"the data {problem}; checkpoint {ckpt} can only continue on text with exactly its characters: "
+                        f"use such text, or a BPE dataset (data.tokenizer=gpt2) with a BPE model")
+    raise UserError(f"checkpoint {ckpt} was trained with the {saved.get('name')} tokenizer, this data uses "
+                    f"{tokenizer_meta.get('name')}; use data with data.tokenizer={saved.get('name')}")
+
+
+def _size(model_cfg: Mapping) -> str:
+    return "/".join(f"{k}={model_cfg.get(k)}" for k in MODEL_KEYS)
 
 
 def load_arrays(ckpt: Path, name: str) -> dict[str, mx.array]:

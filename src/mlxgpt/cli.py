@@ -4,14 +4,17 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
+import hydra
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from mlxgpt.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def _causes(exc: BaseException | None):
@@ -37,15 +40,38 @@ def one_line(exc: BaseException) -> str:
     return " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
 
 
+def user_message(exc: BaseException) -> str | None:
+    """The one line to print for a user's mistake; None for anything else (a bug)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        return one_line(exc)
+    if _raised_in_hydra(exc):  # Hydra fails on some overrides (`callbacks=null`, `trainer=[0]`) with a plain error
+        return (f"invalid override ({type(exc).__name__}: {one_line(exc)}); a config group takes one option name, "
+                f"e.g. model=nano")
+    return None
+
+
+def _raised_in_hydra(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(hydra.__file__).parent in Path(tb.tb_frame.f_code.co_filename).parents
+
+
 def run_hydra(main: Callable[[], object]) -> None:
-    """Call a @hydra.main function; config and user errors print one line to stderr and exit 2."""
+    """Call a @hydra.main function; config and user errors print one line to stderr and exit 2, Ctrl-C 130."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let exceptions reach us instead of Hydra's multi-line report
     try:
         main()
-    except UserError as e:
-        fail(str(e))
-    except (HydraException, OmegaConfBaseException) as e:
-        fail(one_line(e))
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise  # a bug: keep the traceback
+        fail(message)
+    except KeyboardInterrupt:  # outside the training loop, which stops on its own terms (mlxgpt.interrupt)
+        print("mlxgpt: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def exit_on_user_error(task: Callable) -> Callable:

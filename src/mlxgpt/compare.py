@@ -55,7 +55,7 @@ class Run:
 
     def value(self, key: str) -> Any:
         """The run's value of an overridden key: typed from the config when it is a scalar there."""
-        typed = OmegaConf.select(self.config, key, default=None) if self.config is not None else None
+        typed = OmegaConf.select(self.config, key, default=None)
         return typed if isinstance(typed, (int, float, str, bool)) else self.overrides.get(key)
 
 
@@ -70,11 +70,15 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
         if not p.is_dir():
             raise UserError(f"{p} is not a directory: pass run directories or a sweep directory")
         found += [c.parent.parent for c in p.rglob(".hydra/config.yaml")]
-    natural = lambda d: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(d))]  # noqa: E731
-    return sorted(set(found), key=natural)
+    return sorted(set(found), key=_natural)
+
+
+def _natural(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
 def load_run(path: Path, root: Path) -> Run:
+    """Read one run dir; `root` (the runs' common parent) makes its short name."""
     hydra_dir = path / ".hydra"
     overrides = {}
     if (hydra_dir / "overrides.yaml").is_file():
@@ -98,6 +102,7 @@ def load_run(path: Path, root: Path) -> Run:
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
+    """Every run at or below the given paths; UserError when there is none."""
     dirs = find_run_dirs(paths)
     if not dirs:
         raise UserError(f"no run directories (with .hydra/config.yaml) in {', '.join(map(str, paths))}; "
@@ -124,6 +129,7 @@ def ranked(runs: list[Run]) -> list[Run]:
 
 
 def best_run(runs: list[Run]) -> Run | None:
+    """The completed run with the lowest val loss (None when no run completed an evaluation)."""
     top = ranked(runs)[:1]
     return top[0] if top and top[0].status == "ok" and _finite(top[0].best_val_loss) else None
 
@@ -137,6 +143,18 @@ def _fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if _finite(x) else "-"
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it lies below it (tables are often committed)."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _clip(text: str, width: int = 100) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def write_table(runs: list[Run], out_dir: Path, stem: str) -> tuple[Path, Path]:
     """`<stem>.md` and `<stem>.csv`: every run sorted by best val loss, the best one marked."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,13 +165,13 @@ def write_table(runs: list[Run], out_dir: Path, stem: str) -> tuple[Path, Path]:
     rows = []
     for i, r in enumerate(order, 1):
         rank = f"{i} (best)" if r is best else str(i)
-        status = f"failed: {r.error}" if r.status == "failed" and r.error else r.status
+        status = f"failed: {_clip(r.error)}" if r.status == "failed" and r.error else r.status
         md.append(f"| {rank} | {r.name} | {describe(r, keys)} | {_fmt(r.best_val_loss)} | "
                   f"{_fmt(r.final_train_loss)} | {_fmt(r.tok_per_s, 0)} | {r.iters} | {status.replace('|', '/')} |")
         rows.append({"rank": i, "is_best": r is best, "run": r.name, "overrides": describe(r, keys),
                      **{k: r.value(k) for k in keys}, "best_val_loss": r.best_val_loss,
                      "final_train_loss": r.final_train_loss, "tok_per_s": r.tok_per_s, "iters": r.iters,
-                     "status": r.status, "error": r.error, "path": str(r.path)})
+                     "status": r.status, "error": r.error, "path": _shown(r.path)})
     common = [f"{k}={v}" for k, v in runs[0].overrides.items() if k not in keys] if len(runs) > 1 else []
     if common:
         md += ["", f"Common to all runs: `{' '.join(common)}`"]

@@ -1,9 +1,13 @@
 """The Hydra task: config -> data -> model -> trainer -> callbacks -> run directory (returns the best val loss)."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import json
 import math
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -14,16 +18,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mlxgpt import checkpoint, device
+from mlxgpt.callbacks.base import Callback
 from mlxgpt.cli import fail
 from mlxgpt.config import validate
 from mlxgpt.data import load_data
 from mlxgpt.errors import UserError
+from mlxgpt.interrupt import Interrupted
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
-from mlxgpt.rundir import refuse_used_run_dir
+from mlxgpt.rundir import (holds_lock, is_main_process, lock_run_dir, refuse_used_run_dir, resume_checkpoint,
+                           resume_command, unlock_run_dir)
 from mlxgpt.trainer import Trainer, load_weights
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def train(cfg: DictConfig) -> float:
@@ -31,50 +39,42 @@ def train(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        if is_main_process():
+            lock_run_dir(run_dir)  # a single run holds it since PreflightCheck; a multirun job takes it here
         summary = _train(cfg, run_dir)
-    except BaseException as e:
-        _write_result(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+    except Interrupted as e:
+        _write_failure(run_dir, {"status": "interrupted", "iter": e.iteration})
+        if is_main_process():
+            saved = checkpoint.latest(run_dir / "checkpoints")
+            print(f"mlxgpt: {e}; {f'latest checkpoint {saved}' if saved else 'no checkpoint saved'}; continue with: "
+                  f"{resume_command(run_dir, cfg.run_name, multirun)}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except BaseException as exc:
+        e = _disk_error(exc) or exc
+        _write_failure(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
         if multirun and isinstance(e, Exception):
             print(f"error: job failed: {e}" if isinstance(e, UserError) else traceback.format_exc())
-            return math.nan
+            return math.inf  # optuna rejects NaN; the basic sweeper ignores the value
         if isinstance(e, UserError):
             fail(str(e))  # one line, exit 2 (Hydra would add its own report)
         raise
     finally:
-        mx.clear_cache()  # a multirun's jobs share this process: give the buffer cache back between jobs
-    _write_result(run_dir, {"status": "ok", **summary})
+        unlock_run_dir(run_dir)
+        gc.collect()  # a multirun's jobs share this process: free this job's arrays (cycles hold the model)...
+        mx.clear_cache()  # ...and give MLX's buffer cache back before the next job
+    if is_main_process():  # the other ranks of a distributed run write nothing
+        _write_result(run_dir, {"status": "ok", **summary})
     return summary.get("best/val_loss", math.nan)
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)
+    mx.reset_peak_memory()  # memory_gb is per job, also in a multirun
     t = cfg.trainer
-    dev = device.select_device(t.device)
-    resume_from = _resume_checkpoint(t.resume, run_dir)
+    resume_from = resume_checkpoint(t.resume, run_dir)
     if resume_from is None and not t.eval_only:
-        refuse_used_run_dir(run_dir)  # multirun jobs (RunDirGuard checks single runs before Hydra writes)
-    print(f"mlxgpt: device {device.describe()}; run dir {run_dir}")
-    print(OmegaConf.to_yaml(cfg, resolve=True))
-
-    data = load_data(cfg.data)
-    block_size = t.block_size or cfg.model.block_size
-    mx.random.seed(t.seed)  # the initial weights are a function of the seed
-    model = _build_model(cfg, data.vocab_size)
-    if dev == mx.cpu and t.dtype != "float32":
-        print(f"mlxgpt: trainer.dtype={t.dtype} is slow on the CPU (no BLAS for half precision): training in float32")
-    elif t.dtype != "float32":
-        model.set_dtype(getattr(mx, t.dtype))
-    print(f"mlxgpt: model {cfg.model.name}: {model.num_params() / 1e6:.2f}M parameters; "
-          f"{data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens; context {block_size}")
-
-    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.max_iters)
-    optimizer = build_optimizer(cfg.optimizer, schedule)
-    callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()]
-    if cfg.logger.name == "wandb":
-        from mlxgpt.callbacks.wandb import WandbCallback
-
-        callbacks.append(WandbCallback(cfg.logger))
-    trainer = Trainer(cfg, model, data, optimizer, schedule, run_dir, callbacks, data.tokenizer, resume_from)
+        refuse_used_run_dir(run_dir)  # multirun jobs (PreflightCheck checks single runs before Hydra writes)
+    trainer = build_trainer(cfg, run_dir, resume_from)
     if t.eval_only:
         losses = trainer.evaluate()
         print(f"mlxgpt: eval only: train loss {losses['train/loss']:.4f}, val loss {losses['val/loss']:.4f}")
@@ -82,8 +82,36 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     return trainer.fit()
 
 
-def _build_model(cfg: DictConfig, data_vocab: int) -> GPT:
-    m = cfg.model
+def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = None,
+                  extra_callbacks: tuple[Callback, ...] = ()) -> Trainer:
+    """Device, data, model, optimizer, callbacks and trainer of a run, as train.py builds them (bench.py too)."""
+    t = cfg.trainer
+    dev = device.select_device(t.device)
+    print(f"mlxgpt: device {device.describe()}; run dir {run_dir}")
+    if dev == mx.cpu and t.dtype != "float32":
+        print(f"mlxgpt: trainer.dtype={t.dtype} is slow on the CPU (no BLAS for half precision): training in float32")
+        t.dtype = "float32"  # the run records what it computes in
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+
+    data = load_data(cfg.data)
+    block_size = t.block_size or cfg.model.block_size
+    mx.random.seed(t.seed)  # the initial weights are a function of the seed
+    model = _build_model(cfg, data.tokenizer)
+    print(f"mlxgpt: model {cfg.model.name}: {model.num_params() / 1e6:.2f}M parameters; "
+          f"{data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens; context {block_size}")
+
+    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.max_iters)
+    optimizer = build_optimizer(cfg.optimizer, schedule)
+    callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()] + list(extra_callbacks)
+    if cfg.logger.name == "wandb":
+        from mlxgpt.callbacks.wandb import WandbCallback
+
+        callbacks.append(WandbCallback(cfg.logger))
+    return Trainer(cfg, model, data, optimizer, schedule, run_dir, callbacks, data.tokenizer, resume_from)
+
+
+def _build_model(cfg: DictConfig, tokenizer) -> GPT:
+    m, data_vocab = cfg.model, tokenizer.vocab_size
     vocab = m.vocab_size or (_pad(data_vocab) if data_vocab > 1000 else data_vocab)
     if vocab < data_vocab:
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data_vocab}; use model.vocab_size=null")
@@ -99,6 +127,7 @@ def _build_model(cfg: DictConfig, data_vocab: int) -> GPT:
     model = GPT(config)
     if cfg.init_from:
         ckpt = checkpoint.resolve(cfg.init_from, which="best")
+        checkpoint.check_tokenizer(ckpt, checkpoint.read_state(ckpt), tokenizer.to_meta())
         load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
         print(f"mlxgpt: initialised from {ckpt}")
     return model
@@ -114,21 +143,27 @@ def _pad(vocab: int, multiple: int = 64) -> int:
     return (vocab + multiple - 1) // multiple * multiple
 
 
-def _resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        last = run_dir / "checkpoints" / "last"
-        return checkpoint.resolve(run_dir) if (last / "state.json").is_file() else None
-    return checkpoint.resolve(resume)
-
-
 def _instantiate(name: str, node: DictConfig):
     try:
         return instantiate(node)
     except Exception as e:  # bad callback options surface as TypeError deep inside instantiate
         cause = e.__cause__ or e
         raise UserError(f"callbacks.{name}: {cause}; check its options in conf/callbacks/{name}.yaml") from None
+
+
+def _disk_error(exc: BaseException) -> UserError | None:
+    """A one-line UserError for a failed write (disk full, read-only, no permission); None for other errors."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+        return UserError(f"cannot write {exc.filename or 'to the run directory'} ({exc.strerror}); free disk space "
+                         f"or fix permissions, then continue with trainer.resume=auto")
+    return None
+
+
+def _write_failure(run_dir: Path, result: dict) -> None:
+    """result.json of a job that did not finish: only into a run dir this process holds; a full disk is no error."""
+    if holds_lock(run_dir):
+        with contextlib.suppress(OSError):
+            _write_result(run_dir, result)
 
 
 def _write_result(run_dir: Path, result: dict) -> None:

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlxgpt import checkpoint
 from mlxgpt.callbacks.base import Callback
 from mlxgpt.errors import UserError
+from mlxgpt.interrupt import Interrupted, StopSignals
 
 EVAL_SPLITS = ("train", "val")
 
@@ -44,6 +45,7 @@ class Trainer:
         self.tokens_per_iter = self.world * self.accum * self.batch_size * self.block_size
         self.iter, self.tokens_seen = 0, 0
         self.best_val_loss = math.inf
+        self.log_loss_sum, self.log_steps = 0.0, 0  # the train losses since the last log (saved: resume logs the same)
         self.extra_state: dict[str, Any] = {}  # callbacks' resumable state (e.g. the W&B run id)
         self.summary: dict[str, Any] = {}  # the latest value of every logged metric
         self.should_stop = False
@@ -60,27 +62,29 @@ class Trainer:
 
         return {"iter": self.iter, "tokens_seen": self.tokens_seen,
                 "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
-                "seed": self.seed, "model_config": asdict(self.model.config),
+                "seed": self.seed, "log_window": [self.log_loss_sum, self.log_steps],
+                "model_config": asdict(self.model.config),
                 "tokenizer": self.tokenizer.to_meta(), "extra": self.extra_state,
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def _restore(self, ckpt: Path) -> None:
         state = checkpoint.read_state(ckpt)
-        saved, ours = state.get("model_config", {}), asdict(self.model.config)
-        if any(saved.get(k) != ours[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")):
-            raise UserError(f"checkpoint {ckpt} is for a different model ({_size(saved)}) than this config "
-                            f"({_size(ours)}); resume with the checkpoint's model settings or start a new run")
+        checkpoint.check_model(ckpt, state, asdict(self.model.config))
+        checkpoint.check_tokenizer(ckpt, state, self.tokenizer.to_meta())
         load_weights(self.model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
         self.optimizer.state = tree_unflatten(list(checkpoint.load_arrays(ckpt, "optimizer.safetensors").items()))
         self.iter, self.tokens_seen = state["iter"], state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
+        self.log_loss_sum, self.log_steps = state.get("log_window", [0.0, 0])
         self.extra_state = state.get("extra", {})
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     # ------------------------------------------------------------------ steps
     def _build_steps(self, compiled: bool) -> None:
         model, optimizer, t = self.model, self.optimizer, self.cfg.trainer
-        loss_and_grad = nn.value_and_grad(model, model.loss)
+        model.grad_checkpoint = t.grad_checkpoint
+        loss = model.loss if t.dtype == "float32" else mixed_precision_loss(model, getattr(mx, t.dtype))
+        loss_and_grad = nn.value_and_grad(model, loss)
         state = [model.state, optimizer.state, mx.random.state]
         wrap = partial(mx.compile, inputs=state, outputs=state) if compiled else (lambda f: f)
 
@@ -91,24 +95,27 @@ class Trainer:
             loss, g = loss_and_grad(x, y)
             return loss, tree_map(mx.add, acc, g)
 
-        def apply(g):
+        def reduce(g):  # the mean over micro-steps and ranks, clipped; and its norm before clipping
             if self.accum > 1:
                 g = tree_map(lambda a: a / self.accum, g)
             if self.world > 1:
                 g = nn.average_gradients(g, group=self.group)
             if t.grad_clip > 0:
-                g, norm = optim.clip_grad_norm(g, t.grad_clip)
-            else:
-                norm = mx.sqrt(sum(mx.sum(a.astype(mx.float32) ** 2) for _, a in tree_flatten(g)))
+                return optim.clip_grad_norm(g, t.grad_clip)
+            return g, mx.sqrt(sum(mx.sum(a.astype(mx.float32) ** 2) for _, a in tree_flatten(g)))
+
+        def update(g):
             optimizer.update(model, g)
-            return norm
 
         def fused(x, y):
             loss, g = loss_and_grad(x, y)
-            return loss, apply(g)
+            g, norm = reduce(g)
+            update(g)
+            return self._mean_over_ranks(loss), norm
 
-        self._grads, self._accumulate, self._apply, self._fused = map(wrap, (grads, accumulate, apply, fused))
-        self._eval_loss = mx.compile(model.loss, inputs=model.state) if compiled else model.loss
+        self._grads, self._accumulate, self._reduce, self._update, self._fused = map(
+            wrap, (grads, accumulate, reduce, update, fused))
+        self._eval_loss = mx.compile(loss, inputs=model.state) if compiled else loss
         # The fused step updates before the host can look at the gradients; `skip` needs to look first.
         self._use_fused = self.accum == 1 and t.on_nan == "stop"
 
@@ -116,26 +123,37 @@ class Trainer:
         x, y = self.data.get_batch(split, self.batch_size, self.block_size, key)
         return mx.array(x), mx.array(y)
 
+    def _mean_over_ranks(self, x: mx.array) -> mx.array:
+        return mx.distributed.all_sum(x, group=self.group) / self.world if self.world > 1 else x
+
+    def _micro_batch(self, k: int) -> tuple[mx.array, mx.array]:
+        """Micro-step k of this rank: its batch and dropout seed depend on (seed, iter, global micro-step) only, so
+        N ranks x A micro-steps draw what 1 rank x N*A micro-steps draws."""
+        micro = self.rank * self.accum + k
+        mx.random.seed(((self.seed * 1_000_003 + self.iter) * 1_000_003 + micro) % 2**63)
+        return self.batch("train", (self.seed, self.iter, micro))
+
     def train_step(self) -> tuple[float, float]:
-        """One optimizer update over `accum` micro-batches; each micro-step is evaluated (bounded memory)."""
-        mx.random.seed((self.seed * 1_000_003 + self.iter) % 2**63)  # dropout: a function of (seed, iter)
-        keys = [(self.seed, self.iter, k, self.rank) for k in range(self.accum)]
+        """One optimizer update over `accum` micro-batches per rank; each micro-step is evaluated (bounded memory)."""
         if self._use_fused:
-            loss, norm = self._fused(*self.batch("train", keys[0]))
+            loss, norm = self._fused(*self._micro_batch(0))
             mx.eval(loss, norm, self.model.state, self.optimizer.state)
             return self._checked(loss.item(), norm.item())
-        loss, acc = self._grads(*self.batch("train", keys[0]))
+        loss, acc = self._grads(*self._micro_batch(0))
         total = loss
         mx.eval(total, acc)
-        for key in keys[1:]:
-            loss, acc = self._accumulate(*self.batch("train", key), acc)
+        for k in range(1, self.accum):
+            loss, acc = self._accumulate(*self._micro_batch(k), acc)
             total = total + loss
             mx.eval(total, acc)
-        mean_loss = total.item() / self.accum
+        mean_loss = self._mean_over_ranks(total).item() / self.accum
         if not math.isfinite(mean_loss):
             return self._checked(mean_loss, math.nan)
-        norm = self._apply(acc)
-        mx.eval(norm, self.model.state, self.optimizer.state)
+        g, norm = self._reduce(acc)
+        mx.eval(g, norm)
+        if math.isfinite(norm.item()):  # a non-finite gradient never reaches the weights
+            self._update(g)
+            mx.eval(self.model.state, self.optimizer.state)
         return self._checked(mean_loss, norm.item())
 
     def _checked(self, loss: float, norm: float) -> tuple[float, float]:
@@ -145,24 +163,33 @@ class Trainer:
             if self.is_main:
                 print(f"mlxgpt: skipped iteration {self.iter}: non-finite loss/gradient ({loss}, {norm})")
             return loss, norm
-        raise NonFiniteLoss(f"loss/gradient became non-finite ({loss}, {norm}) at iteration {self.iter}; the last "
-                            f"good checkpoint is kept in {self.run_dir / 'checkpoints'}: lower optimizer.lr "
-                            f"(now {self.cfg.optimizer.lr}), set trainer.grad_clip, or use trainer.on_nan=skip")
+        raise self._diverged(f"the loss/gradient norm ({loss}, {norm})")
+
+    def _diverged(self, what: str) -> NonFiniteLoss:
+        """The error for a non-finite value: where it happened, what is kept, what to try."""
+        t, lr = self.cfg.trainer, self.cfg.optimizer.lr
+        last = checkpoint.latest(self.run_dir / "checkpoints")
+        kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
+        tries = [f"optimizer.lr={lr / 10:g} (now {lr:g})"] + (["trainer.grad_clip=1.0"] if t.grad_clip <= 0 else [])
+        tries += ["trainer.on_nan=skip (skips such steps)"] if t.on_nan == "stop" else []
+        return NonFiniteLoss(f"{what} became non-finite at iteration {self.iter}; {kept}; try {', '.join(tries)}"
+                             + (" and continue with trainer.resume=auto" if last else ""))
 
     def lr(self) -> float:
         return self.schedule(mx.array(self.iter)).item()
 
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over `eval_iters` fixed batches per split (the same batches at every evaluation)."""
+        """Mean loss over `eval_iters` fixed batches per split (the same batches at every evaluation, shared out
+        among the ranks)."""
         self.model.eval()
         out = {}
         for split_id, split in enumerate(EVAL_SPLITS):
             total = mx.array(0.0)
-            for k in range(self.cfg.trainer.eval_iters):
-                total = total + self._eval_loss(*self.batch(split, (self.seed, split_id, k, self.rank, 1)))
+            for k in range(self.rank, self.cfg.trainer.eval_iters, self.world):
+                total = total + self._eval_loss(*self.batch(split, (self.seed, split_id, k, 1)))
                 mx.eval(total)
             if self.world > 1:
-                total = mx.distributed.all_sum(total, group=self.group) / self.world
+                total = mx.distributed.all_sum(total, group=self.group)
             out[f"{split}/loss"] = total.item() / self.cfg.trainer.eval_iters
         self.model.train()
         return out
@@ -173,7 +200,9 @@ class Trainer:
             getattr(cb, event)(self) if payload is None else getattr(cb, event)(self, payload)
 
     def record_eval(self, losses: dict[str, float]) -> dict[str, Any]:
-        """Update the best val loss, emit on_eval_end, return its payload."""
+        """Update the best val loss, emit on_eval_end, return its payload (no callback sees a non-finite loss)."""
+        if not all(map(math.isfinite, losses.values())):
+            raise self._diverged(f"the evaluation loss {losses}")
         self.best_val_loss = min(self.best_val_loss, losses["val/loss"])
         logs = {"iter": self.iter, "tokens": self.tokens_seen, **losses, "best/val_loss": self.best_val_loss}
         self.summary.update(logs)
@@ -184,30 +213,50 @@ class Trainer:
         """Train until max_iters (or a callback sets should_stop); returns the summary."""
         t = self.cfg.trainer
         self.model.train()
-        try:
-            self.emit("on_train_start")
-            loss_sum, n_since_log, log_start = 0.0, 0, time.perf_counter()
-            while self.iter < self.max_iters and not self.should_stop:
-                lr = self.lr()
-                start = time.perf_counter()
-                loss, norm = self.train_step()
-                self.iter += 1
-                self.tokens_seen += self.tokens_per_iter
-                step_logs = {"iter": self.iter, "tokens": self.tokens_seen, "train/loss": loss, "lr": lr,
-                             "grad_norm": norm, "dt_s": time.perf_counter() - start}
-                self.emit("on_step_end", step_logs)
-                loss_sum, n_since_log = loss_sum + loss, n_since_log + 1
-                if self.iter % t.log_interval == 0 or self.iter == self.max_iters:
-                    logs = {**step_logs, "train/loss": loss_sum / n_since_log,
-                            "dt_s": (time.perf_counter() - log_start) / n_since_log}
-                    self.emit("on_log", logs)
-                    self.summary.update(logs)
-                    loss_sum, n_since_log, log_start = 0.0, 0, time.perf_counter()
-            self.emit("on_train_end", dict(self.summary))
-        except BaseException as exc:
-            self.emit("on_exception", exc)
-            raise
+        with StopSignals() as signals:  # SIGINT/SIGTERM: finish the step, then stop via Interrupted (callbacks save)
+            try:
+                self.emit("on_train_start")
+                log_start = time.perf_counter()
+                while self.iter < self.max_iters and not self.should_stop:
+                    lr = self.lr()
+                    start = time.perf_counter()
+                    loss, norm = self.train_step()
+                    self.iter += 1
+                    self.tokens_seen += self.tokens_per_iter
+                    self.log_loss_sum, self.log_steps = self.log_loss_sum + loss, self.log_steps + 1
+                    step_logs = {"iter": self.iter, "tokens": self.tokens_seen, "train/loss": loss, "lr": lr,
+                                 "grad_norm": norm, "dt_s": time.perf_counter() - start}
+                    if self.iter % t.log_interval == 0 or self.iter == self.max_iters:
+                        logs = {**step_logs, "train/loss": self.log_loss_sum / self.log_steps,
+                                "dt_s": (time.perf_counter() - log_start) / self.log_steps}
+                        self.log_loss_sum, self.log_steps, log_start = 0.0, 0, time.perf_counter()
+                        self.emit("on_log", logs)  # before on_step_end: a checkpoint it writes has this logged
+                        self.summary.update(logs)
+                    self.emit("on_step_end", step_logs)
+                    if signum := signals.requested(self.group):
+                        raise Interrupted(signum, self.iter)
+                self.emit("on_train_end", dict(self.summary))
+            except BaseException as exc:
+                self.emit("on_exception", exc)
+                if isinstance(exc, Interrupted) and self.world > 1:  # every rank waits for rank 0's save
+                    mx.eval(mx.distributed.all_sum(mx.array(0), group=self.group))
+                raise
         return self.summary
+
+
+def mixed_precision_loss(model: nn.Module, dtype: mx.Dtype):
+    """model.loss computed with `dtype` copies of the float32 (master) weights; the gradients come back float32 and
+    the optimizer updates the float32 weights. The model computes logits' softmax and the loss in float32."""
+
+    def loss(x: mx.array, y: mx.array) -> mx.array:
+        master = model.trainable_parameters()
+        model.update(tree_map(lambda p: p.astype(dtype), master))
+        try:
+            return model.loss(x, y)
+        finally:
+            model.update(master)
+
+    return loss
 
 
 def load_weights(model: nn.Module, weights: dict[str, mx.array], source: Path | str) -> None:
@@ -216,7 +265,3 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], source: Path | 
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise UserError(f"weights in {source} do not fit this model ({e}); check the model= settings") from None
-
-
-def _size(model_config: dict) -> str:
-    return "/".join(f"{k}={model_config.get(k)}" for k in ("n_layer", "n_head", "n_embd", "vocab_size"))

@@ -1,16 +1,21 @@
-"""Save `last` at every evaluation and at the end, and `best` when the val loss improves."""
+"""Save `last` at every evaluation, at the end and when stopped by a signal; `best` when the val loss improves."""
 from __future__ import annotations
 
 import math
+import sys
 
 from mlxgpt import checkpoint
 from mlxgpt.callbacks.base import Callback
+from mlxgpt.errors import UserError
+from mlxgpt.interrupt import Interrupted
 
 
 class CheckpointCallback(Callback):
     priority = 50
 
     def __init__(self, keep: int = 2, save_best: bool = True, save_last: bool = True):
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+            raise ValueError(f"keep={keep!r} must be an integer >= 0")
         self.keep, self.save_best, self.save_last = keep, save_best, save_last
         self._best = math.inf
         self._saved_iter = -1
@@ -28,10 +33,25 @@ class CheckpointCallback(Callback):
         if self.save_last and self._saved_iter != trainer.iter and trainer.iter > 0:
             self.save(trainer, is_best=False)
 
+    def on_exception(self, trainer, exc) -> None:
+        """Stopped by a signal after a complete step: save it (a failure here only warns, the stop goes on)."""
+        if isinstance(exc, Interrupted) and self.save_last and self._saved_iter != trainer.iter and trainer.iter > 0:
+            try:
+                self.save(trainer, is_best=False)
+            except UserError as e:
+                print(f"mlxgpt: warning: {e}", file=sys.stderr)
+
     def save(self, trainer, is_best: bool) -> None:
         if not trainer.is_main:
             return
-        path = checkpoint.save_checkpoint(trainer.run_dir / "checkpoints", trainer.model.parameters(),
-                                          trainer.optimizer.state, trainer.state_dict(), is_best, self.keep)
+        root = trainer.run_dir / "checkpoints"
+        try:
+            path = checkpoint.save_checkpoint(root, trainer.model.parameters(), trainer.optimizer.state,
+                                              trainer.state_dict(), is_best, self.keep)
+        except (OSError, RuntimeError) as e:  # disk full, no permission; MLX reports a failed write as RuntimeError
+            previous = checkpoint.latest(root)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise UserError(f"cannot write the checkpoint of iteration {trainer.iter} to {root} ({e}); {kept}; "
+                            f"free disk space or fix permissions, then continue with trainer.resume=auto") from None
         self._saved_iter = trainer.iter
         trainer.emit("on_checkpoint", {"path": str(path), "iter": trainer.iter, "is_best": is_best})

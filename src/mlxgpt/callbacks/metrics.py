@@ -20,7 +20,8 @@ class MetricsFileCallback(Callback):
         path = trainer.run_dir / self.filename
         if trainer.resumed and path.exists():
             self._truncate_after(path, trainer.iter)
-        self._file = open(path, "a", encoding="utf-8")
+        # a fresh start replaces the records of an attempt killed before its first checkpoint
+        self._file = open(path, "a" if trainer.resumed else "w", encoding="utf-8")
 
     @staticmethod
     def _truncate_after(path, it: int) -> None:

@@ -15,7 +15,6 @@ from mlxgpt.callbacks.base import Callback
 
 RUN_ID_KEY = "wandb_run_id"  # in trainer.extra_state, so a resumed run continues the same W&B run
 SECRET_KEY = re.compile(r"(api_?key|token|secret|password)$", re.IGNORECASE)
-STEP_METRICS = ("train/*", "val/*", "best/*", "lr", "grad_norm", "tok_per_s", "mfu", "memory_gb", "dt_s", "samples")
 
 
 class WandbCallback(Callback):
@@ -78,11 +77,9 @@ class WandbCallback(Callback):
             group=self.cfg.group or group, name=name, job_type=self.cfg.job_type, tags=list(self.cfg.tags),
             config=flat_config(trainer.cfg))
         trainer.extra_state[RUN_ID_KEY] = self.run.id
-        self.run.define_metric("iter")
-        self.run.define_metric("tokens", step_metric="iter")
-        for pattern in STEP_METRICS:
-            self.run.define_metric(pattern, step_metric="iter")
-        self.run.define_metric("val/loss", step_metric="iter", summary="min,last")
+        self.run.define_metric("iter")  # the x-axis of every chart; `tokens` is logged beside it as the other one
+        self.run.define_metric("*", step_metric="iter")
+        self.run.define_metric("val/loss", step_metric="iter", summary="min,last")  # best/val_loss: the running min
 
     def _log(self, logs: dict[str, Any]) -> None:
         if self.run is not None:

@@ -1,0 +1,56 @@
+"""Stop training cleanly on SIGINT / SIGTERM: the first signal asks the loop to stop after the current step (it then
+saves a checkpoint); a second one ends the process at once, which is safe because checkpoint writes are atomic."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import mlx.core as mx
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """Training stopped on a signal at `iteration`. Not an Exception: a multirun stops as well."""
+
+    def __init__(self, signum: int, iteration: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at iteration {iteration}")
+        self.signum, self.iteration = signum, iteration
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """While active, SIGINT / SIGTERM are recorded instead of raising; after the first, a second kills the process."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python lets only the main thread set handlers
+            self._previous = {s: signal.signal(s, self._record) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _record(self, signum: int, frame) -> None:
+        self.signum = signum
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_DFL)  # the OS default: the next signal ends the process, even inside MLX
+        # os.write, not print: a handler may run in the middle of another write to sys.stderr
+        message = (f"mlxgpt: {signal.Signals(signum).name} received: stopping after this step and saving a checkpoint; "
+                   f"send it again to stop at once (losing the steps since the last checkpoint)")
+        os.write(2, f"\n{message}\n".encode())
+
+    def requested(self, group=None) -> int | None:
+        """The signal to stop on, agreed by every process of `group` (a collective: call it on all ranks)."""
+        if group is None or group.size() == 1:
+            return self.signum
+        anyone = mx.distributed.all_sum(mx.array(self.signum or 0), group=group).item()
+        return self.signum or (signal.SIGTERM if anyone else None)

@@ -1,0 +1,73 @@
+"""Data parallel: 2 ranks (mlx.launch, ring backend over loopback) train exactly as 1 rank with the same global batch."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=nano", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
+        "trainer.batch_size=4", "trainer.eval_iters=2", "trainer.log_interval=1", "trainer.max_iters=6",
+        "trainer.eval_interval=3", "callbacks.sample.max_new_tokens=0"]
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(tmp_path: Path, run_name: str, args: list[str], ranks: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data"), "OPENBLAS_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "train.py"), *TINY, *args, f"paths.log_dir={tmp_path}/logs",
+               f"run_name={run_name}"]
+    if ranks > 1:
+        command = [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--starting-port", str(free_port()), "--",
+                   *command]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    output = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and "exited with code" not in output, output  # mlx.launch exits 0 when a rank fails
+    return proc
+
+
+def metrics(run_dir: Path) -> list[tuple]:
+    return [(r["event"], r["iter"], r["train/loss"], r.get("val/loss"), r["tokens"])
+            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.skipif(not LAUNCH.exists(), reason="needs mlx.launch beside the Python interpreter")
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+    train(tmp_path, "one", ["logger=none", "trainer.gradient_accumulation_steps=2"])
+    train(tmp_path, "two", ["logger=wandb", "logger.mode=offline", "trainer.gradient_accumulation_steps=1"], ranks=2)
+    one, two = metrics(tmp_path / "logs/runs/one"), metrics(tmp_path / "logs/runs/two")
+    assert [r[:2] for r in one] == [r[:2] for r in two] and len(two) == 9  # rank 0 alone wrote: no duplicates
+    assert [r[4] for r in one] == [r[4] for r in two]  # global tokens per step: ranks x micro-batch x accumulation
+    for a, b in zip(one, two):
+        assert a[2] == pytest.approx(b[2], rel=1e-5) and (a[3] is None or a[3] == pytest.approx(b[3], rel=1e-5))
+    assert one[-1][2] < one[1][2]  # it trained
+    assert len(list((tmp_path / "logs/runs/two/wandb").glob("offline-run-*"))) == 1  # one W&B run (rank 0)
+    assert sorted(os.listdir(tmp_path / "logs/runs")) == ["one", "two"]
+    shutil.rmtree(tmp_path / "data")
+
+
+def test_a_sweep_runs_as_submitit_jobs(tmp_path):
+    """hydra/launcher=submitit_local: the code path of hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml) without
+    a cluster: each sweep point is a submitted job in its own process."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+                           "hydra.launcher.timeout_min=5", *TINY, "logger=none", "trainer.max_iters=3",
+                           "trainer.seed=1,2", f"hydra.sweep.dir={sweep}"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads((sweep / str(job) / "result.json").read_text()) for job in (0, 1)]
+    assert [r["status"] for r in results] == ["ok", "ok"] and results[0]["train/loss"] != results[1]["train/loss"]
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # submitit ran them as jobs

@@ -1,0 +1,70 @@
+"""Precision: the fast GELU matches GPT-2's to float32 tolerance; mixed precision computes in bfloat16 from float32
+master weights (checked on the CPU, where it is only slow)."""
+import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
+
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from hydra import compose, initialize_config_dir
+from mlx.utils import tree_flatten
+
+from mlxgpt.config import register_configs
+from mlxgpt.data import load_data
+from mlxgpt.model import GPT, GPTConfig, gelu_tanh
+from mlxgpt.optim import build_optimizer, build_schedule
+from mlxgpt.trainer import Trainer, mixed_precision_loss
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+
+
+def dtypes(tree) -> set:
+    return {a.dtype for _, a in tree_flatten(tree)}
+
+
+def test_fast_gelu_and_its_gradient_match_gpt2_gelu_in_float64():
+    x = np.linspace(-30, 30, 200_001).astype(np.float32)
+    x64 = x.astype(np.float64)
+    u = math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)
+    t = np.tanh(u)
+    slope = 0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x64**2)
+    value, grad = mx.vjp(gelu_tanh, [mx.array(x)], [mx.ones(x.shape)])
+    np.testing.assert_allclose(np.array(value[0]), 0.5 * x64 * (1 + t), atol=2e-6, rtol=0)
+    np.testing.assert_allclose(np.array(grad[0]), slope, atol=1e-5, rtol=0)
+    assert mx.allclose(gelu_tanh(mx.array(x)), nn.gelu_approx(mx.array(x)), atol=2e-6)
+
+
+def test_forward_runs_in_bfloat16_and_gradients_come_back_float32():
+    mx.random.seed(0)
+    model = GPT(TINY)
+    x, y = mx.random.randint(0, 50, (2, 16)), mx.random.randint(0, 50, (2, 16))
+    loss, grads = nn.value_and_grad(model, mixed_precision_loss(model, mx.bfloat16))(x, y)
+    assert dtypes(grads) == {mx.float32} and dtypes(model.parameters()) == {mx.float32} and loss.dtype == mx.float32
+
+    half = GPT(TINY)
+    half.update(model.parameters())
+    half.set_dtype(mx.bfloat16)
+    assert mx.allclose(loss, half.loss(x, y), rtol=1e-6)  # what a bfloat16 model computes...
+    assert abs(loss.item() - model.loss(x, y).item()) > 1e-5  # ...which is not the float32 loss
+
+
+def test_a_bfloat16_training_step_updates_float32_master_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", ["model=nano", "model.n_embd=32", "trainer.batch_size=2", "trainer.block_size=16",
+                                 "trainer.dtype=bfloat16", "logger=none"])
+    data = load_data(cfg.data)
+    mx.random.seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=data.vocab_size, n_layer=2, n_head=2, n_embd=32))
+    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, cfg.trainer.max_iters)
+    trainer = Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), schedule, tmp_path, [], data.tokenizer)
+    before = model.parameters()["h"][0]["mlp"]["c_fc"]["weight"]
+    trainer.iter = 10  # past the warm-up: a non-zero learning rate
+    loss, norm = trainer.train_step()
+    after = model.parameters()["h"][0]["mlp"]["c_fc"]["weight"]
+    assert loss > 0 and norm > 0 and not mx.array_equal(before, after)
+    assert dtypes(model.parameters()) == {mx.float32} and dtypes(trainer.optimizer.state) <= {mx.float32, mx.uint64}

@@ -1,0 +1,465 @@
+"""Reliability: nothing is lost under signals, kill -9 (also in the middle of a checkpoint write), non-finite losses, a
+full disk, two runs on one directory, and bad input. End to end in real subprocesses on tiny models: after every fault
+`trainer.resume=auto` must reproduce the uninterrupted run's loss sequence exactly."""
+import json
+import os
+import pickle
+import re
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from mlx.utils import tree_flatten
+from omegaconf import OmegaConf
+
+from mlxgpt import checkpoint
+from mlxgpt.config import register_configs
+from mlxgpt.data import load_data
+from mlxgpt.data.sources import read_text
+from mlxgpt.errors import UserError
+from mlxgpt.optim import build_optimizer, build_schedule
+from mlxgpt.task import _build_model
+from mlxgpt.trainer import NonFiniteLoss, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+ITERS = 60
+# decay_iters is fixed so that a run stopped early (max_iters=20) is a true prefix of the ITERS-long one
+TINY = ["model=nano", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
+        "model.dropout=0.1", "trainer.batch_size=4", "trainer.eval_iters=2", "trainer.eval_interval=10",
+        "trainer.log_interval=5", "schedule.warmup_iters=10", f"schedule.decay_iters={ITERS}", "logger=none",
+        "callbacks.sample.max_new_tokens=0"]
+CHECKPOINT_FILES_LIMIT = 200_000  # bytes per file: TINY's model.safetensors (~120 kB) fits, optimizer (~240 kB) not
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def env(work: Path, **extra) -> dict:
+    return {**os.environ, "MLXGPT_DATA_DIR": str(work / "data"), **extra}
+
+
+def train_command(work: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *TINY, f"paths.log_dir={work}/logs", f"run_name={name}", *extra]
+
+
+def train(work: Path, name: str, *extra: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_command(work, name, *extra), capture_output=True, text=True, cwd=work,
+                          env=kw.pop("env", env(work)), timeout=300, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def start(work: Path, name: str, *extra: str, **kw) -> subprocess.Popen:
+    """A training run in the background; stderr goes to <work>/<name>.err (a pipe nobody reads could fill up)."""
+    err = open(work / f"{name}.err", "a")
+    return subprocess.Popen(train_command(work, name, *extra), cwd=work, env=kw.pop("env", env(work)),
+                            stdout=subprocess.DEVNULL, stderr=err, **kw)
+
+
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the moment to interrupt it"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def run_dir(work: Path, name: str) -> Path:
+    return work / "logs" / "runs" / name
+
+
+def losses(path: Path) -> list[tuple]:
+    """The logged loss sequence: (event, iter, train loss, val loss) of every record."""
+    records = map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+    return [(r["event"], r["iter"], r["train/loss"], r.get("val/loss")) for r in records]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under path (symlinks as their targets): to prove that nothing was written."""
+    return {str(p.relative_to(path)): os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
+            for p in sorted(path.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+def copy_run(work: Path, source: Path, name: str) -> Path:
+    target = run_dir(work, name)
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def assert_one_line_error(proc, needle: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and needle in lines[-1], proc.stderr[-2000:]
+    assert not any(ln.startswith("error: ") for ln in lines[:-1])
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("reliability")
+
+
+@pytest.fixture(scope="module")
+def reference(work) -> list[tuple]:
+    """The uninterrupted run's loss sequence."""
+    train(work, "reference", f"trainer.max_iters={ITERS}")
+    return losses(run_dir(work, "reference"))
+
+
+@pytest.fixture(scope="module")
+def base(work) -> Path:
+    """The same run stopped after 20 iterations (checkpoints at 10 and 20): copies of it meet the faults below."""
+    train(work, "base", "trainer.max_iters=20")
+    return run_dir(work, "base")
+
+
+# ------------------------------------------------------------------------------------------------------ signals
+@pytest.mark.slow
+def test_sigint_finishes_the_step_saves_and_the_printed_command_resumes_identically(work, reference):
+    proc = start(work, "sigint", f"trainer.max_iters={ITERS}")
+    ckpts = run_dir(work, "sigint") / "checkpoints"
+    wait_until(lambda: (ckpts / "iter_0000010").is_dir(), proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    err = (work / "sigint.err").read_text()
+    assert "SIGINT received: stopping after this step" in err and "Traceback" not in err
+    m = re.fullmatch(r"mlxgpt: stopped by SIGINT at iteration (\d+); latest checkpoint (\S+); continue with: (.+)",
+                     last_line(err))
+    assert m, err[-2000:]
+    stopped = int(m[1])
+    assert 10 <= stopped < ITERS and Path(m[2]) == checkpoint.latest(ckpts) == (ckpts / f"iter_{stopped:07d}").resolve()
+    assert json.loads((ckpts.parent / "result.json").read_text()) == {"status": "interrupted", "iter": stopped}
+
+    command = shlex.split(m[3])
+    assert command[0] == "python" and command[-2:] == ["run_name=sigint", "trainer.resume=auto"]
+    resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=work, env=env(work),
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(ckpts.parent) == reference  # also when it stopped between two log lines
+
+
+@pytest.mark.slow
+def test_sigterm_saves_finishes_wandb_and_never_writes_the_api_key(work):
+    from wandb_file import find_run_files, read_run
+
+    key = "0123456789abcdef0123456789abcdef01234567"  # never sent anywhere: W&B is offline
+    wandb_env = {k: v for k, v in env(work).items() if not k.startswith("WANDB_")}
+    wandb_env.update(WANDB_MODE="offline", WANDB_API_KEY=key, WANDB_DIR=str(work / "wb"),
+                     WANDB_CACHE_DIR=str(work / "wb_cache"), WANDB_CONFIG_DIR=str(work / "wb_config"),
+                     WANDB_DATA_DIR=str(work / "wb_data"))
+    proc = start(work, "sigterm", "trainer.max_iters=100000", "logger=wandb", "logger.mode=offline", env=wandb_env)
+    ckpts = run_dir(work, "sigterm") / "checkpoints"
+    wait_until(lambda: (ckpts / "iter_0000020").is_dir(), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    err = (work / "sigterm.err").read_text()
+    stopped = int(re.search(r"stopped by SIGTERM at iteration (\d+);", last_line(err))[1])
+    assert checkpoint.read_state(checkpoint.latest(ckpts))["iter"] == stopped
+    (run_file,) = find_run_files(ckpts.parent / "wandb")
+    assert read_run(run_file).exit_code is not None  # the W&B run was finished
+    assert key not in err
+    for path in [*ckpts.parent.rglob("*"), *(work / "wb").rglob("*")]:
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_a_second_sigint_ends_the_process_at_once_and_corrupts_nothing(work, reference):
+    proc = start(work, "twice", f"trainer.max_iters={ITERS}")
+    ckpts = run_dir(work, "twice") / "checkpoints"
+    wait_until(lambda: (ckpts / "iter_0000010").is_dir(), proc)
+    proc.send_signal(signal.SIGINT)
+    wait_until(lambda: "SIGINT received" in (work / "twice.err").read_text(), proc, timeout=60)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) in (-signal.SIGINT, 130)  # killed by the second, or it had finished saving
+    assert checkpoint.latest(ckpts) is not None
+    train(work, "twice", f"trainer.max_iters={ITERS}", "trainer.resume=auto")
+    assert losses(ckpts.parent) == reference
+
+
+# ------------------------------------------------------------------------------------------------------ kill -9
+def is_writing(ckpts: Path) -> bool:
+    try:
+        return any(n.startswith(".iter_") and n.endswith(".tmp") for n in os.listdir(ckpts))
+    except FileNotFoundError:
+        return False
+
+
+def assert_links_whole(ckpts: Path) -> None:
+    """`last` and `best` (where present) point at complete checkpoints."""
+    for link in ("last", "best"):
+        if (ckpts / link).is_symlink():
+            checkpoint.verify((ckpts / link).resolve())
+
+
+@pytest.mark.slow
+def test_kill_9_at_several_points_also_mid_checkpoint_write_then_resume_is_identical(work):
+    """A checkpoint every 2 iterations of a model whose checkpoint takes milliseconds to write: a kill the moment a
+    temporary checkpoint directory appears lands in the middle of a write."""
+    mid = ["model.n_embd=128", "model.n_head=4", "trainer.batch_size=2", "trainer.eval_iters=1",
+           "trainer.eval_interval=2", "trainer.log_interval=1", "callbacks.checkpoint.keep=1", "trainer.max_iters=40"]
+    train(work, "kill_reference", *mid)
+    ckpts = run_dir(work, "kill") / "checkpoints"
+    mid_write_kills, rng = 0, np.random.default_rng(0)
+    for attempt in range(5):
+        proc = start(work, "kill", *mid, "trainer.resume=auto")
+        if attempt % 2 == 0:  # at the next checkpoint write
+            wait_until(lambda: is_writing(ckpts), proc)
+        else:  # anywhere: startup, data, compile, step, evaluation, write
+            time.sleep(rng.uniform(0.5, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        mid_write_kills += is_writing(ckpts)
+        assert_links_whole(ckpts)
+    assert mid_write_kills >= 2
+    train(work, "kill", *mid, "trainer.resume=auto")
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # the debris was cleaned up
+    assert_links_whole(ckpts)
+    assert losses(ckpts.parent) == losses(run_dir(work, "kill_reference"))
+
+
+def test_debris_of_killed_saves_is_ignored_then_removed_and_links_stay_whole(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    params, opt = {"w": mx.arange(4.0)}, {"m": mx.ones(4)}
+    for it in (10, 20):
+        checkpoint.save_checkpoint(ckpts, params, opt, {"iter": it}, is_best=it == 10, keep=5)
+    (ckpts / ".iter_0000030.tmp").mkdir()  # killed while writing iteration 30
+    (ckpts / ".iter_0000030.tmp" / "model.safetensors").write_bytes(b"\x10\x00\x00")
+    os.symlink("iter_0000030", ckpts / ".last.tmp")  # killed between making a link and renaming it
+    shutil.copytree(ckpts / "iter_0000010", ckpts / ".iter_0000005.del")  # killed while pruning
+    assert checkpoint.latest(ckpts) == (ckpts / "iter_0000020").resolve()
+    assert checkpoint.resolve(tmp_path, "best") == (ckpts / "iter_0000010").resolve()
+
+    again = checkpoint.save_checkpoint(ckpts, {"w": mx.zeros(4)}, opt, {"iter": 20}, keep=0)  # iteration 20 again
+    assert again.name == "iter_0000020-1"  # a complete checkpoint is never replaced in place
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "iter_0000010", "iter_0000020-1", "last"]
+    assert checkpoint.latest(ckpts) == again.resolve() and os.readlink(ckpts / "best") == "iter_0000010"
+
+    os.unlink(ckpts / "last")  # killed after the first checkpoint's rename, before its link
+    assert checkpoint.latest(ckpts) == again.resolve()
+
+
+# --------------------------------------------------------------------------------------------- non-finite values
+@pytest.mark.slow
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_says_what_to_try(work, base, on_nan):
+    """optimizer.lr=1e30 from iteration 20 on: the first update sends the weights to ~1e30, the next loss is NaN."""
+    path = copy_run(work, base, f"nan_{on_nan}")
+    before = snapshot(path / "checkpoints")
+    proc = train(work, f"nan_{on_nan}", f"trainer.max_iters={ITERS}", "trainer.resume=auto", "optimizer.lr=1e30",
+                 f"trainer.on_nan={on_nan}", check=False)
+    assert_one_line_error(proc, f"became non-finite at iteration {21 if on_nan == 'stop' else 30}")
+    error = last_line(proc.stderr)
+    assert f"the last good checkpoint {path.resolve()}/checkpoints/iter_0000020 is kept" in error
+    assert "optimizer.lr=1e+29 (now 1e+30)" in error and "trainer.resume=auto" in error
+    assert snapshot(path / "checkpoints") == before  # nothing was saved after the loss went bad
+    if on_nan == "skip":  # the NaN steps were skipped; the evaluation at 30 found the weights themselves broken
+        assert "skipped iteration 21" in proc.stdout and "the evaluation loss" in error
+    else:
+        assert "skipped" not in proc.stdout and "trainer.on_nan=skip" in error
+
+
+def make_trainer(tmp_path: Path, *overrides: str) -> Trainer:
+    """A real Trainer on the TINY model in this process (no callbacks)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, f"paths.data_dir={tmp_path}/data", *overrides])
+    data = load_data(cfg.data)
+    model = _build_model(cfg, data.tokenizer)
+    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, cfg.trainer.max_iters)
+    return Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), schedule, tmp_path / "run", [],
+                   data.tokenizer)
+
+
+def test_skip_leaves_weights_and_optimizer_state_untouched(tmp_path):
+    trainer = make_trainer(tmp_path, "optimizer.lr=1e30", "trainer.on_nan=skip", "trainer.compile=false")
+    assert all(map(np.isfinite, trainer.train_step()))  # finite gradients: the update sends the weights to ~1e30
+    trainer.iter += 1
+    before = [np.array(a) for _, a in tree_flatten([trainer.model.parameters(), trainer.optimizer.state])]
+    loss, norm = trainer.train_step()
+    assert not (np.isfinite(loss) and np.isfinite(norm))
+    after = [np.array(a) for _, a in tree_flatten([trainer.model.parameters(), trainer.optimizer.state])]
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after))
+
+
+def test_stop_raises_with_the_iteration(tmp_path):
+    trainer = make_trainer(tmp_path, "optimizer.lr=1e30")
+    trainer.train_step()
+    trainer.iter += 1
+    with pytest.raises(NonFiniteLoss, match="at iteration 1; no checkpoint was written yet; try optimizer.lr=1e"):
+        trainer.train_step()
+
+
+# ------------------------------------------------------------------------------------------- disk full, lock
+def limit_file_size() -> None:
+    """In the child: writes beyond the limit fail with EFBIG (like a full disk), instead of killing it (SIGXFSZ)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (CHECKPOINT_FILES_LIMIT, CHECKPOINT_FILES_LIMIT))
+
+
+@pytest.mark.slow
+def test_a_failing_checkpoint_write_stops_cleanly_and_keeps_the_previous_checkpoint(work, base, reference):
+    path = copy_run(work, base, "disk_full")
+    before = snapshot(path / "checkpoints")
+    proc = train(work, "disk_full", f"trainer.max_iters={ITERS}", "trainer.resume=auto", check=False,
+                 preexec_fn=limit_file_size)
+    assert_one_line_error(proc, "cannot write the checkpoint of iteration 30")
+    assert f"the previous checkpoint {path.resolve()}/checkpoints/iter_0000020 is intact" in proc.stderr
+    assert snapshot(path / "checkpoints") == before  # the half-written one was removed, the rest untouched
+    train(work, "disk_full", f"trainer.max_iters={ITERS}", "trainer.resume=auto")  # space again: continue
+    assert losses(path) == reference
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_directory_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(work, base, reference):
+    path = copy_run(work, base, "locked")
+    first = start(work, "locked", f"trainer.max_iters={ITERS}", "trainer.resume=auto")
+    wait_until(lambda: (path / ".lock").read_text().startswith(f"pid {first.pid} "), first)
+    first.send_signal(signal.SIGSTOP)  # frozen while holding the lock
+    config = (path / ".hydra" / "config.yaml").read_bytes()
+    second = train(work, "locked", f"trainer.max_iters={ITERS}", "trainer.resume=auto", "trainer.eval_iters=3",
+                   check=False)
+    assert_one_line_error(second, f"is in use by pid {first.pid} on ")
+    assert (path / ".hydra" / "config.yaml").read_bytes() == config  # the refused run wrote nothing
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (path / ".lock").read_text().startswith(f"pid {first.pid} ")  # a stale lock file...
+    train(work, "locked", f"trainer.max_iters={ITERS}", "trainer.resume=auto")  # ...is taken over
+    assert losses(path) == reference
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, Path | None]]:
+    """name -> (command, the error's words, a run dir that must stay unchanged)."""
+    (work / "empty.txt").write_text("")
+    (work / "accents.txt").write_text("Größe, façade, naïve café. " * 200)
+    truncated = copy_run(work, base, "truncated")
+    model_file = truncated / "checkpoints" / "last" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    (work / "not_a_checkpoint").mkdir()
+    (work / "not_a_checkpoint" / "notes.txt").write_text("hello")
+    (work / "foreign").mkdir()
+    (work / "foreign" / "state.json").write_text('{"iter": 3}')
+    other_size = copy_run(work, base, "other_size")
+    sample = [sys.executable, str(ROOT / "sample.py"), "max_new_tokens=5"]
+
+    def run(name: str, *extra: str) -> list[str]:
+        return train_command(work, name, *extra)
+
+    return {
+        "missing data file": (run("b1", "data=text", "data.path=missing.txt"), "matches no file", None),
+        "empty data file": (run("b2", "data=text", f"data.path={work}/empty.txt"), "empty", None),
+        "characters outside the char vocab": (
+            run("b3", "data=text", f"data.path={work}/accents.txt", f"init_from={base}"),
+            "characters outside the checkpoint's", base),
+        "block_size above the model's": (run("b4", "trainer.block_size=64"), "trainer.block_size", None),
+        "n_embd not divisible by n_head": (run("b5", "model.n_head=3"), "model.n_embd", None),
+        "eval_iters 0": (run("b6", "trainer.eval_iters=0"), "trainer.eval_iters", None),
+        "bad callback option": (run("b7", "callbacks.checkpoint.keep=-1"), "callbacks.checkpoint", None),
+        "resume: missing": (run("b8", "trainer.resume=nowhere"), "does not exist", None),
+        "resume: truncated": (run("truncated", "trainer.resume=auto"), "corrupt or truncated", truncated),
+        "resume: other model size": (run("other_size", "trainer.resume=auto", "model.n_embd=64"),
+                                     "for a different model", other_size),
+        "resume: not a checkpoint": (run("b9", f"trainer.resume={work}/foreign"),
+                                     "is not an mlxgpt checkpoint", None),
+        "init_from: missing": (run("b10", "init_from=nowhere"), "does not exist", None),
+        "init_from: truncated": (run("b11", f"init_from={truncated}/checkpoints/last"),
+                                 "corrupt or truncated", truncated),
+        "init_from: other model size": (run("b12", f"init_from={base}", "model.n_embd=64"),
+                                        "do not fit this model", base),
+        "init_from: not a checkpoint": (run("b13", f"init_from={work}/not_a_checkpoint"),
+                                        "no checkpoint found", None),
+        "sample: missing checkpoint": ([*sample, "checkpoint=nowhere"], "does not exist", None),
+        "sample: truncated checkpoint": ([*sample, f"checkpoint={truncated}", "which=last"], "corrupt or truncated",
+                                         truncated),
+        "sample: not a checkpoint": ([*sample, f"checkpoint={work}/foreign"], "is not an mlxgpt checkpoint", None),
+        "sample: prompt longer than the context": ([*sample, f"checkpoint={base}", f"prompt={'a' * 40}"],
+                                                   "longer than the model's context of 32", base),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(work, base):
+    """Every bad-input command, two at a time (one per core): name -> (process, unchanged?)."""
+    cases = bad_input_cases(work, base)
+    before = {name: snapshot(guarded) for name, (_, _, guarded) in cases.items() if guarded}
+    results, names = {}, list(cases)
+    for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
+        running = {name: subprocess.Popen(cases[name][0], cwd=work, env=env(work), text=True, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE) for name in pair}
+        for name, proc in running.items():
+            out, err = proc.communicate(timeout=300)
+            results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    unchanged = {name: snapshot(cases[name][2]) == before[name] for name in before}
+    return cases, results, unchanged
+
+
+BAD_INPUTS = ["missing data file", "empty data file", "characters outside the char vocab",
+              "block_size above the model's", "n_embd not divisible by n_head", "eval_iters 0", "bad callback option",
+              "resume: missing", "resume: truncated", "resume: other model size", "resume: not a checkpoint",
+              "init_from: missing", "init_from: truncated", "init_from: other model size",
+              "init_from: not a checkpoint",
+              "sample: missing checkpoint", "sample: truncated checkpoint", "sample: not a checkpoint",
+              "sample: prompt longer than the context"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(bad_input_results, name):
+    cases, results, unchanged = bad_input_results
+    assert set(BAD_INPUTS) == set(cases)
+    assert_one_line_error(results[name], cases[name][1])
+    assert unchanged.get(name, True)
+
+
+# -------------------------------------------------------------------------------------------------- security
+def test_no_pickle_in_the_source():
+    """Checkpoints, data meta and caches are safetensors, JSON and raw arrays: nothing that executes code on load."""
+    forbidden = re.compile(r"\bpickle\b|\bdill\b|torch\.load|allow_pickle\s*=\s*True|\bmarshal\b|yaml\.load\(|"
+                           r"yaml\.unsafe_load|\bshelve\b|joblib")
+    offenders = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+                 for p in [*(ROOT / "src").rglob("*.py"), *ROOT.glob("*.py")]
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if forbidden.search(line)]
+    assert offenders == []
+
+
+def test_loading_a_pickle_disguised_as_a_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text(json.dumps({"format": checkpoint.FORMAT, "iter": 1}))
+    for name in checkpoint.ARRAY_FILES:
+        (ckpt / name).write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        checkpoint.verify(ckpt)
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        checkpoint.load_arrays(ckpt, "model.safetensors")
+    assert not marker.exists()
+
+
+def test_url_datasets_pin_a_checksum_and_a_file_that_does_not_match_is_refused(tmp_path):
+    url_configs = [p for p in (ROOT / "conf" / "data").glob("*.yaml") if OmegaConf.load(p).get("source") == "url"]
+    assert url_configs and all(OmegaConf.load(p).get("sha256") for p in url_configs)
+    (tmp_path / "input.txt").write_text("not the file the checksum names\n")
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["data=shakespeare_char", f"data.path={tmp_path}/input.txt"])
+    with pytest.raises(UserError, match="sha256"):
+        read_text(cfg.data)

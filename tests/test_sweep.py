@@ -1,0 +1,84 @@
+"""Sweeps: failed jobs are recorded and the others run, the sweep summary, the YAML grid, an optuna search."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mlxgpt.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=nano", "model.n_embd=32", "model.block_size=32", "trainer.batch_size=4", "trainer.max_iters=10",
+        "trainer.eval_interval=5", "trainer.eval_iters=2", "trainer.log_interval=5",
+        "callbacks.sample.max_new_tokens=8", "logger=none"]
+
+
+def multirun(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp / "data")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY, f"paths.log_dir={tmp}/logs",
+                           "hydra.sweep.dir=logs/sweep", *overrides],
+                          capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def result(run_dir: Path) -> dict:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory):
+    """Three jobs: a good lr, an invalid one (rejected at start), one that diverges to NaN (fails mid-run)."""
+    tmp = tmp_path_factory.mktemp("failing_sweep")
+    multirun(tmp, "optimizer.lr=3e-3,-1,1e4", "trainer.grad_clip=0")
+    return tmp / "logs" / "sweep"
+
+
+@pytest.mark.slow
+def test_failed_jobs_are_recorded_and_the_others_run(failing_sweep):
+    good, invalid, diverged = (result(failing_sweep / str(i)) for i in range(3))
+    assert good["status"] == "ok" and good["iter"] == 10
+    assert invalid["status"] == "failed" and "optimizer.lr" in invalid["error"]
+    assert diverged["status"] == "failed" and "non-finite" in diverged["error"]
+    # Each job of the shared process starts from the same seeded state: same initial weights, same eval batches.
+    first_evals = [json.loads((failing_sweep / str(i) / "metrics.jsonl").read_text().splitlines()[0]) for i in (0, 2)]
+    assert first_evals[0]["iter"] == 0 and first_evals[0]["val/loss"] == first_evals[1]["val/loss"]
+
+
+@pytest.mark.slow
+def test_summary_lists_every_job_marks_the_best_and_the_failures(failing_sweep):
+    rows = list(csv.DictReader(open(failing_sweep / "summary.csv")))
+    assert [(r["run"], r["status"], r["is_best"]) for r in rows] == [
+        ("0", "ok", "True"), ("1", "failed", "False"), ("2", "failed", "False")]
+    assert float(rows[0]["best_val_loss"]) == result(failing_sweep / "0")["best/val_loss"]
+    assert rows[0]["overrides"] == "optimizer.lr=0.003" and rows[0]["optimizer.lr"] == "0.003"
+    assert "non-finite" in rows[2]["error"] and float(rows[0]["tok_per_s"]) > 0
+    md = (failing_sweep / "summary.md").read_text()
+    assert "| 1 (best) | 0 | optimizer.lr=0.003 |" in md
+    assert md.count("| failed: ") == 2
+
+
+def test_yaml_sweep_declares_the_lr_depth_grid():
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["sweep=lr_depth"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert [len(str(params[k]).split(",")) for k in ("optimizer.lr", "model.n_layer")] == [3, 3]
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
+    multirun(tmp_path, "hparams_search=lr_depth_optuna", "hydra.sweeper.n_trials=2")
+    sweep_dir = tmp_path / "logs" / "sweep"
+    best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    values = [result(sweep_dir / str(i))["best/val_loss"] for i in range(2)]
+    assert not (sweep_dir / "2").exists()
+    assert best.best_value == min(values)
+    assert set(best.best_params) == {"optimizer.lr", "model.n_layer"}
+    assert 1e-4 <= best.best_params["optimizer.lr"] <= 3e-3
+    assert (sweep_dir / "summary.md").is_file()

@@ -1,0 +1,159 @@
+"""W&B logging: offline run files read back record by record (config, group, history, summary), resume, failures."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from mlxgpt.callbacks.wandb import RUN_ID_KEY, flat_config, job_name_and_group, resolve_mode
+from wandb_file import find_run_files, read_records, read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=nano", "model.n_embd=32", "model.block_size=32", "trainer.batch_size=4", "trainer.max_iters=10",
+        "trainer.eval_interval=5", "trainer.eval_iters=2", "trainer.log_interval=5",
+        "callbacks.sample.max_new_tokens=8"]
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # never sent anywhere: every run here is offline
+
+
+def wandb_env(tmp: Path, **extra) -> dict:
+    """W&B offline with all its directories under tmp; a fake API key that must never show up in outputs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp / "wb"), "WANDB_CACHE_DIR": str(tmp / "wb_cache"),
+            "WANDB_CONFIG_DIR": str(tmp / "wb_config"), "WANDB_DATA_DIR": str(tmp / "wb_data"),
+            "WANDB_API_KEY": FAKE_KEY, "MLXGPT_DATA_DIR": str(tmp / "data"), **extra}
+
+
+def train(tmp: Path, *args: str, env=None) -> subprocess.CompletedProcess:
+    flags = [a for a in args if a.startswith("-")]  # `-m` must come before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    command = [sys.executable, str(ROOT / "train.py"), *flags, *TINY, f"paths.log_dir={tmp}/logs", *overrides]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp, env=env or wandb_env(tmp), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(run_dir: Path, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """One 2x2 multirun (lr x depth) with W&B offline: (sweep dir, process)."""
+    tmp = tmp_path_factory.mktemp("wandb_grid")
+    proc = train(tmp, "-m", "optimizer.lr=1e-3,3e-3", "model.n_layer=1,2", "logger.mode=offline",
+                 "logger.log_checkpoints=true", "hydra.sweep.dir=logs/grid")
+    return tmp / "logs" / "grid", proc
+
+
+@pytest.mark.slow
+def test_each_job_of_a_grid_is_its_own_wandb_run_in_one_group(grid):
+    sweep_dir, _ = grid
+    run_dirs = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
+    assert len(run_dirs) == 4
+    runs = {}
+    for run_dir in run_dirs:
+        files = find_run_files(run_dir / "wandb")
+        assert len(files) == 1, files
+        runs[run_dir] = read_run(files[0])
+    assert len({r.run_id for r in runs.values()}) == 4
+    assert {r.group for r in runs.values()} == {"grid"}  # the sweep dir's name
+    assert {(r.project, r.job_type) for r in runs.values()} == {("mlxgpt", "train")}
+    swept = {(r.config["optimizer.lr"], r.config["model.n_layer"]) for r in runs.values()}
+    assert swept == {(1e-3, 1), (1e-3, 2), (3e-3, 1), (3e-3, 2)}
+    for run_dir, run in runs.items():
+        overrides = OmegaConf.load(run_dir / ".hydra/overrides.yaml")
+        assert f"optimizer.lr={run.config['optimizer.lr']}" in overrides
+        assert run.name == f"lr={run.config['optimizer.lr']},n_layer={run.config['model.n_layer']}"
+        assert run.config["model.n_embd"] == 32 and run.config["trainer.max_iters"] == 10  # the whole resolved config
+        evals, logs = metrics(run_dir, "eval"), metrics(run_dir, "train")
+        assert run.values("val/loss") == [e["val/loss"] for e in evals]  # iterations 0, 5, 10
+        assert run.values("train/loss") == [r["train/loss"] for r in logs]
+        assert [row["iter"] for row in run.history if "val/loss" in row] == [0, 5, 10]
+        best = min(e["val/loss"] for e in evals)
+        assert run.summary["best/val_loss"] == best
+        assert run.summary["val/loss"]["min"] == best
+        assert json.loads((run_dir / "result.json").read_text())["best/val_loss"] == best
+        assert run.metrics["*"].step_metric == "iter" and run.metrics["val/loss"].summary.min
+        assert run.exit_code == 0
+        state = json.loads((run_dir / "checkpoints/last/state.json").read_text())
+        assert state["extra"][RUN_ID_KEY] == run.run_id  # what resume continues
+        assert {a.type for a in run.artifacts} == {"model", "run_table"}  # checkpoints and the samples table
+        assert any("best" in a.aliases for a in run.artifacts if a.type == "model")
+
+
+@pytest.mark.slow
+def test_the_api_key_never_appears_in_outputs(grid):
+    sweep_dir, proc = grid
+    assert FAKE_KEY not in proc.stdout + proc.stderr
+    for path in sweep_dir.parents[1].rglob("*"):  # the run dirs, and W&B's own cache, config and data dirs
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_wandb_run(tmp_path):
+    train(tmp_path, "run_name=r", "logger.mode=offline", "trainer.max_iters=5")
+    train(tmp_path, "run_name=r", "logger.mode=offline", "trainer.max_iters=10", "trainer.resume=auto")
+    first, second = (read_run(f) for f in find_run_files(tmp_path / "logs/runs/r/wandb"))
+    assert first.run_id == second.run_id
+    assert first.values("iter")[-1] == 5 and second.values("val/loss") and min(second.values("iter")) >= 5
+
+
+@pytest.mark.slow
+def test_wandb_failure_warns_once_and_training_goes_on(tmp_path):
+    proc = train(tmp_path, "run_name=r", env=wandb_env(tmp_path, WANDB_MODE="no-such-mode"))  # logger.mode=auto
+    assert proc.stderr.count("W&B logging stopped") == 1
+    run_dir = tmp_path / "logs/runs/r"
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+    assert [e["iter"] for e in metrics(run_dir, "eval")] == [0, 5, 10]
+
+
+@pytest.mark.slow
+def test_disabled_writes_nothing(tmp_path):
+    train(tmp_path, "run_name=r", "logger.mode=disabled")
+    assert not (tmp_path / "logs/runs/r/wandb").exists()
+
+
+def test_reader_reassembles_records_split_across_blocks(tmp_path, monkeypatch):
+    for key, value in wandb_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    import wandb
+
+    big = "x" * 100_000  # spans four 32 KiB blocks
+    run = wandb.init(project="p", mode="offline", dir=str(tmp_path), group="g", name="n", config={"big": big})
+    run.log({"iter": 1, "loss": 2.5})
+    run.finish()
+    wandb.teardown()  # waits for W&B's service process to flush the file (finish() alone may return earlier)
+    (path,) = find_run_files(tmp_path)
+    assert sum(1 for _ in read_records(path)) > 5
+    back = read_run(path)
+    assert back.config["big"] == big and (back.group, back.name) == ("g", "n")
+    assert back.values("loss") == [2.5] and back.summary["loss"] == 2.5
+
+
+def test_mode_auto_is_online_only_with_an_api_key(tmp_path, monkeypatch):
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert resolve_mode("auto") == "offline"
+    assert resolve_mode("online") == "offline"  # never a login prompt
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    (tmp_path / "netrc").chmod(0o600)
+    assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto") == "disabled"
+    assert resolve_mode("offline") == "offline"
+
+
+def test_flat_config_uses_override_keys_and_masks_credentials():
+    cfg = OmegaConf.create({"optimizer": {"lr": 3e-4, "betas": [0.9, 0.95]}, "model": {"n_layer": 6},
+                            "callbacks": {"hub": {"api_key": "s3cret", "max_new_tokens": 5}}, "lr2": "${optimizer.lr}"})
+    assert flat_config(cfg) == {"optimizer.lr": 3e-4, "optimizer.betas": [0.9, 0.95], "model.n_layer": 6,
+                                "callbacks.hub.api_key": "***", "callbacks.hub.max_new_tokens": 5, "lr2": 3e-4}
+
+
+def test_outside_hydra_a_run_is_named_and_grouped_by_its_dir(tmp_path):
+    assert job_name_and_group(tmp_path / "my_run") == ("my_run", "my_run")
