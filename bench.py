@@ -1,8 +1,11 @@
 """Training speed side by side: `python bench.py [--preset cpu|baby|gpt2] [overrides...]`. See src/mlxgpt/bench.py."""
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from mlxgpt.bench import main
-from mlxgpt.cli import fail
+from mlxgpt.cli import fail, one_line
 from mlxgpt.errors import UserError
 
 if __name__ == "__main__":
@@ -10,3 +13,5 @@ if __name__ == "__main__":
         raise SystemExit(main(conf_dir=Path(__file__).resolve().parent / "conf"))
     except UserError as e:
         fail(str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        fail(one_line(e))

@@ -60,6 +60,8 @@ def test_gpt2_small_openwebtext_composes():
     ("model.dropout=1.5", "model.dropout"),
     ("schedule.name=exp", "schedule.name"),
     ("trainer.device=tpu", "trainer.device"),
+    ("trainer.seed=-1", "trainer.seed"),
+    ("optimizer.lr=inf", "optimizer.lr"),
 ])
 def test_out_of_range_values_raise_one_line_user_error(override, needle):
     with pytest.raises(UserError) as err:

@@ -46,6 +46,7 @@ PRESETS = {  # Hydra overrides; the data is the embedded default (offline), its 
     "gpt2": ["model=gpt2_small", "model.vocab_size=50304", "trainer.batch_size=8"],  # GPT-2 124M, T1024
 }
 TORCH_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "mps"}  # MLX backend -> torch device
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")  # recorded with the command
 QUIET_RUN = ["logger=none", "callbacks.evaluation.at_start=false", "trainer.eval_iters=1",
              "callbacks.sample.max_new_tokens=0"]
 
@@ -358,8 +359,9 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
     if not trainer.is_main:
         return 0
     peak = max(device.peak_flops(cfg.trainer.dtype) or 0 for _ in range(3)) or None  # measured on CPU: best of 3
-    launch = f"mlx.launch -n {trainer.world} --backend ring -- " if trainer.world > 1 else ""
-    command = " ".join([f"{launch}python bench.py", *(argv if argv is not None else sys.argv[1:])])
+    env = [f"{k}={os.environ[k]}" for k in THREAD_ENV if k in os.environ]
+    launch = [f"mlx.launch -n {trainer.world} --backend ring --"] if trainer.world > 1 else []
+    command = " ".join([*env, *launch, "python bench.py", *(argv if argv is not None else sys.argv[1:])])
     ranks = f"-{trainer.world}ranks" if trainer.world > 1 else ""
     name = args.name or f"{args.preset}-{device.backend()}{ranks}"
     text = report(results, skipped, trainer, peak, f"Training speed: {name}", command)

@@ -1,6 +1,7 @@
 """Typed schemas for every config group (registered in Hydra's ConfigStore) and range checks."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -187,7 +188,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
     _check(not (t.grad_checkpoint and m.dropout > 0), "trainer.grad_checkpoint", t.grad_checkpoint,
            f"needs model.dropout=0 (now {m.dropout}): the recomputed blocks would draw other dropout masks")
-    _check(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+    _check(0 < o.lr < math.inf, "optimizer.lr", o.lr, "must be > 0 and finite")
+    _check(t.seed >= 0, "trainer.seed", t.seed, "must be >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
            "must be two numbers in [0, 1)")
     _check(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")

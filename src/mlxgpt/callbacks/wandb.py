@@ -56,7 +56,7 @@ class WandbCallback(Callback):
         self._finish(exit_code=0)
 
     def on_exception(self, trainer, exc) -> None:
-        self._finish(exit_code=1)
+        self._finish(exit_code=getattr(exc, "exit_code", 1))  # 130/143 for a stopped run
 
     # ------------------------------------------------------------------- work
     def _ensure_run(self, trainer) -> None:
