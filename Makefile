@@ -27,6 +27,9 @@ train:  ## the default job: embedded dataset, small model, offline
 sample:  ## e.g. make sample ARGS='checkpoint=logs/runs/<run> prompt="def "'
 	$(PY) sample.py $(ARGS)
 
+bench:  ## training speed: ours vs a bare compiled MLX step vs nanoGPT (NANOGPT_DIR=<checkout>, torch installed)
+	$(PY) bench.py $(ARGS)
+
 bench-blas:  ## reference BLAS vs OpenBLAS matmul, side by side
 	$(PY) -m mlxgpt.setup_blas --bench
 
