@@ -1,11 +1,12 @@
 # mlxgpt — common tasks. `make install` then `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?=
+# the Linux MLX backend: cpu, or cuda for NVIDIA (`make install EXTRAS=cuda`); ignored on macOS
+EXTRAS ?= cpu
 BIN := $(VENV)/bin
 PY := $(BIN)/python
-PIP_EXTRAS := dev$(if $(EXTRAS),$(comma)$(EXTRAS),)
 comma := ,
+PIP_EXTRAS := dev$(if $(EXTRAS),$(comma)$(EXTRAS),)
 
 .PHONY: install test test-fast train sample compare study-lr-depth bench bench-blas bench-prepare bench-sample clean
 

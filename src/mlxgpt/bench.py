@@ -311,7 +311,7 @@ def report(results: list[Result], skipped: list[str], trainer, peak_flops: float
              f"{trainer.model.num_params() / 1e6:.2f}M parameters; T={trainer.block_size}, B={trainer.batch_size} x "
              f"accumulation {trainer.accum} x ranks {trainer.world} = {trainer.tokens_per_iter} tokens/step; "
              f"dtype {t.dtype}; grad_checkpoint {t.grad_checkpoint}",
-             f"- MFU: {flops_per_token / 1e6:.2f} MFLOP/token (6N + attention) against "
+             f"- MFU: {flops_per_token / 1e6:.2f} MFLOP/token (6N + attention) against {trainer.world} x one rank's peak = "
              + (f"{peak_flops / 1e12:.3f} TFLOP/s peak" + (" (measured fp32 sgemm)" if device.backend() == "cpu" else "")
                 if peak_flops else "an unknown peak"),
              f"- median of {len(results[0].step_s) if results else 0} steps each after warm-up; contenders take turns",
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
                                     find_nanogpt(args.nanogpt), args.torch_compile, args.torch_threads)
     if not trainer.is_main:
         return 0
-    peak = max(device.peak_flops(cfg.trainer.dtype) or 0 for _ in range(3)) or None  # measured on CPU: best of 3
+    peak = max(device.peak_flops(cfg.trainer.dtype) or 0 for _ in range(3)) * trainer.world or None  # CPU: best of 3
     env = [f"{k}={os.environ[k]}" for k in THREAD_ENV if k in os.environ]
     launch = [f"mlx.launch -n {trainer.world} --backend ring --"] if trainer.world > 1 else []
     command = " ".join([*env, *launch, "python bench.py", *(argv if argv is not None else sys.argv[1:])])

@@ -15,7 +15,8 @@ class ThroughputCallback(Callback):
         self.flops_per_iter = 0
 
     def on_train_start(self, trainer) -> None:
-        self.peak_flops = device.peak_flops(trainer.cfg.trainer.dtype)
+        peak = device.peak_flops(trainer.cfg.trainer.dtype)
+        self.peak_flops = peak * trainer.world if peak else None  # every rank has its own device
         self.flops_per_iter = trainer.model.flops_per_token(trainer.block_size) * trainer.tokens_per_iter
 
     def on_log(self, trainer, logs) -> None:
