@@ -134,12 +134,17 @@ def kill_at_random(lab: Lab, reference: list, trials: int) -> None:
             if proc.poll() is not None:
                 row["ended before the kill"] += 1
                 continue
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            row["kills"] += 1
-            row["kills mid-write"] += lab.writing(name)
+            kill9(lab, proc, name, row)
             row["steps redone"] += max(0, lab.logged_iter(name) - lab.latest_iter(name))
         lab.finish_and_judge(row, name, reference)
+
+
+def kill9(lab: Lab, proc, name: str, row: dict) -> None:
+    """SIGKILL the run and count the kill, and whether it landed during a checkpoint write."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    row["kills"] += 1
+    row["kills mid-write"] += lab.writing(name)
 
 
 def kill_mid_write(lab: Lab, reference: list, trials: int) -> None:
@@ -155,10 +160,7 @@ def kill_mid_write(lab: Lab, reference: list, trials: int) -> None:
         lab.wait(proc, lambda: lab.writing(name))
         if proc.poll() is not None:
             row["ended before the kill"] += 1
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        row["kills"] += 1
-        row["kills mid-write"] += lab.writing(name)
+        kill9(lab, proc, name, row)
         lab.finish_and_judge(row, name, reference)
 
 
