@@ -54,13 +54,17 @@ def test_changing_a_token_never_changes_earlier_logits(train):
         assert not mx.array_equal(before[0, t], after[0, t])
 
 
-def test_attention_with_dropout_path_matches_fast_kernel():
+def test_explicit_attention_matches_the_fused_kernel_and_its_gradient():
     attn = make_model().h[0].attn
     q, k, v = (mx.random.normal((1, 2, 7, 16)) for _ in range(3))
     for n_queries in (7, 3, 1):  # 3 and 1: queries after cached keys
         qs = q[:, :, -n_queries:]
-        fast = mx.fast.scaled_dot_product_attention(qs, k, v, scale=0.25, mask="causal")
-        assert mx.allclose(attn._attention_with_dropout(qs, k, v, 0.25), fast, atol=1e-6)
+        fused = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")  # noqa: E731
+        explicit = lambda q, k, v: attn._explicit_attention(q, k, v, 0.25)  # noqa: E731
+        assert mx.allclose(explicit(qs, k, v), fused(qs, k, v), atol=1e-6)
+        cotangent = [mx.random.normal(qs.shape)]
+        for ours, theirs in zip(mx.vjp(explicit, [qs, k, v], cotangent)[1], mx.vjp(fused, [qs, k, v], cotangent)[1]):
+            assert mx.allclose(ours, theirs, atol=1e-5)
 
 
 def test_initial_loss_is_log_vocab():

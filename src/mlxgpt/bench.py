@@ -41,8 +41,8 @@ from mlxgpt.model import GPT
 from mlxgpt.trainer import mixed_precision_loss
 
 PRESETS = {  # Hydra overrides; the data is the embedded default (offline), its vocabulary sizes the model
-    "cpu": ["model=mini", "model.block_size=64", "trainer.batch_size=12"],  # nanoGPT README's CPU run (4L/4H/128)
-    "baby": ["model=baby", "trainer.batch_size=64"],  # nanoGPT shakespeare_char (6L/6H/384, T256, dropout 0.2)
+    "cpu": ["model=mini", "model.block_size=64", "model.bias=false", "trainer.batch_size=12"],  # nanoGPT README's CPU run
+    "baby": ["model=baby", "model.bias=false", "trainer.batch_size=64"],  # nanoGPT shakespeare_char (6L/6H/384, T256)
     "gpt2": ["model=gpt2_small", "model.vocab_size=50304", "trainer.batch_size=8"],  # GPT-2 124M, T1024
 }
 TORCH_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "mps"}  # MLX backend -> torch device

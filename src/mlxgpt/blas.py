@@ -19,7 +19,7 @@ DEBIAN_PACKAGE = "libopenblas0-pthread"
 HINT = f"install OpenBLAS (Debian/Ubuntu: sudo apt-get install {DEBIAN_PACKAGE}; Fedora: sudo dnf install openblas) or set MLXGPT_BLAS=/path/to/libopenblas.so"
 
 
-def needs_fast_blas() -> bool:
+def is_linux_cpu_wheel() -> bool:
     """True on Linux with MLX's CPU wheel (the only build that ships reference BLAS)."""
     if platform.system() != "Linux":
         return False
@@ -42,12 +42,12 @@ def find_openblas() -> str | None:
     return next((c for c in candidates if os.path.exists(c) or not os.path.isabs(c)), None)
 
 
-def use_fast_blas() -> str | None:
+def use_fast_blas(recheck: bool = False) -> str | None:
     """Load OpenBLAS globally so MLX binds to it; returns its path (None when not needed/found)."""
-    if _STATE["checked"] or os.environ.get("MLXGPT_BLAS") == "reference":
+    if (_STATE["checked"] and not recheck) or os.environ.get("MLXGPT_BLAS") == "reference":
         return _STATE["path"]
     _STATE["checked"] = True
-    if not needs_fast_blas():
+    if not is_linux_cpu_wheel():
         return None
     if "mlx.core" in sys.modules:
         return None  # too late: MLX already bound its BLAS
@@ -64,7 +64,7 @@ def use_fast_blas() -> str | None:
 
 def describe() -> str:
     """One line naming the BLAS the CPU backend uses."""
-    if not needs_fast_blas():
+    if not is_linux_cpu_wheel():
         return "platform BLAS"
     return f"OpenBLAS ({_STATE['path']})" if _STATE["path"] else "reference BLAS (slow: " + HINT + ")"
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxgpt.errors import UserError
+from mlxgpt.fastmath import cross_entropy, gelu_tanh, softmax
 
 
 @dataclass
@@ -85,20 +85,21 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         scale = 1.0 / math.sqrt(C // self.n_head)
-        if self.training and self.dropout > 0:
-            y = self._attention_with_dropout(q, k, v, scale)
+        if (self.training and self.dropout > 0) or mx.default_device() == mx.cpu:
+            y = self._explicit_attention(q, k, v, scale)
         else:  # "causal" aligns the last query with the last key, so it also fits queries after a cache
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if T > 1 else None)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def _attention_with_dropout(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-        """Explicit attention so that dropout can act on the attention weights (the fast kernel has none)."""
+    def _explicit_attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        """Scores, causal mask, softmax, dropout, values: for dropout on the weights (the fused kernel has none) and
+        on the CPU, where the fused kernel is this same computation with MLX's scalar softmax."""
         T_q, T_k = q.shape[2], k.shape[2]
         scores = (q * scale) @ k.transpose(0, 1, 3, 2)
         future = mx.arange(T_k)[None, :] > mx.arange(T_k - T_q, T_k)[:, None]
-        scores = mx.where(future, mx.array(-mx.inf, scores.dtype), scores)
-        weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype)
+        scores = mx.where(future, mx.array(-mx.inf, mx.float32), scores.astype(mx.float32))
+        weights = softmax(scores).astype(v.dtype)
         return self.attn_dropout(weights) @ v
 
 
@@ -113,52 +114,6 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
-
-
-# tanh(z) = z * P(z^2) / Q(z^2) on [-9, 9], beyond which tanh is +-1 in float32: a rational least-squares fit
-# (float32 error < 4e-7). MLX's CPU tanh is a scalar loop; under mx.compile this is one vectorized loop.
-TANH_P = (0.9999999795, 0.1338102043, 0.003495581624, 2.060896469e-05, 1.335448551e-08)
-TANH_Q = (1.0, 0.4671433603, 0.02587695827, 0.0003285623687, 7.776488612e-07)
-GELU_C = math.sqrt(2 / math.pi)
-
-
-def tanh_rational(z: mx.array) -> mx.array:
-    """tanh from multiplies, adds and one divide (see TANH_P)."""
-    z = mx.clip(z, -9.0, 9.0)
-    s = z * z
-    p, q = TANH_P[-1], TANH_Q[-1]
-    for c in TANH_P[-2::-1]:
-        p = p * s + c
-    for c in TANH_Q[-2::-1]:
-        q = q * s + c
-    return z * p / q
-
-
-@partial(mx.compile, shapeless=True)
-def _gelu_tanh(x: mx.array) -> mx.array:
-    return 0.5 * x * (1 + tanh_rational(GELU_C * (x + 0.044715 * x * x * x)))
-
-
-@partial(mx.compile, shapeless=True)
-def _gelu_tanh_slope(x: mx.array) -> mx.array:
-    """d/dx = (1 + t) / 2 + x (1 - t^2) u' / 2 for t = tanh(u), with 1 - t^2 = 0 where tanh saturates (|u| >= 9)."""
-    u = GELU_C * (x + 0.044715 * x * x * x)
-    t = tanh_rational(u)
-    du = GELU_C * (1 + 3 * 0.044715 * x * x)
-    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du * (mx.abs(u) < 9.0)
-
-
-@mx.custom_function
-def gelu_tanh(x: mx.array) -> mx.array:
-    """GELU, tanh approximation: GPT-2's "gelu_new" (= nn.gelu_approx), without the slow CPU transcendental.
-
-    Value and slope are each one compiled kernel (a custom vjp is not fused into the surrounding graph)."""
-    return _gelu_tanh(x)
-
-
-@gelu_tanh.vjp
-def _gelu_tanh_vjp(x, cotangent, output):
-    return cotangent * _gelu_tanh_slope(x)
 
 
 class Block(nn.Module):
@@ -222,7 +177,7 @@ class GPT(nn.Module):
     def loss(self, idx: mx.array, targets: mx.array) -> mx.array:
         """Mean next-token cross-entropy, computed in float32."""
         logits = self(idx).astype(mx.float32)
-        return nn.losses.cross_entropy(logits, targets, reduction="mean")
+        return cross_entropy(logits, targets).mean()
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; non_embedding leaves out wpe (wte counts: it is also the output head)."""

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from mlxgpt.blas import DEBIAN_PACKAGE, HINT, describe, find_openblas, needs_fast_blas, use_fast_blas
+from mlxgpt.blas import DEBIAN_PACKAGE, HINT, describe, find_openblas, is_linux_cpu_wheel, use_fast_blas
 
 
 def _install_system_openblas() -> bool:
@@ -25,12 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setup", action="store_true", help="install OpenBLAS if missing and possible")
     parser.add_argument("--bench", action="store_true", help="compare reference and OpenBLAS matmul speed")
     args = parser.parse_args(argv)
-    if not needs_fast_blas():
+    if not is_linux_cpu_wheel():
         print("mlxgpt: BLAS: nothing to do on this platform (MLX uses its own fast backend)")
         return 0
-    if args.setup and find_openblas() is None and not _install_system_openblas():
-        print(f"mlxgpt: WARNING: no OpenBLAS found, CPU training will be ~30-60x slower; {HINT}")
-        return 0
+    if args.setup and find_openblas() is None:
+        if not _install_system_openblas():
+            print(f"mlxgpt: WARNING: no OpenBLAS found, CPU training will be ~30-60x slower; {HINT}")
+            return 0
+        use_fast_blas(recheck=True)  # `import mlxgpt` looked before the install
     if args.bench:
         code = "import mlxgpt, mlxgpt.blas as b; print(b.matmul_gflops())"
         rates = {}
