@@ -20,6 +20,7 @@ GELU_C = math.sqrt(2 / math.pi)
 LN2_HI, LN2_LO = 0.693145751953125, 1.428606765330187e-06
 EXP_TAYLOR = tuple(1 / math.factorial(i) for i in range(8))
 EXP_MIN = -88.0  # exp below this is under float32's smallest normal: flushed to 0, as exp(-inf)
+ROUND_MAGIC = 1.5 * 2**23  # (t + M) - M rounds |t| < 2^22 to an integer: float adds instead of a libm floor call
 
 
 def tanh_rational(z: mx.array) -> mx.array:
@@ -37,7 +38,7 @@ def tanh_rational(z: mx.array) -> mx.array:
 def exp_poly(x: mx.array) -> mx.array:
     """exp of float32 x <= 88 (relative error ~1e-7), 0 below EXP_MIN; 2^n is built in the exponent bits."""
     x = mx.maximum(x, EXP_MIN)
-    n = mx.floor(x * (1 / math.log(2)) + 0.5)
+    n = (x * (1 / math.log(2)) + ROUND_MAGIC) - ROUND_MAGIC
     r = x - n * LN2_HI - n * LN2_LO
     p = EXP_TAYLOR[-1]
     for c in EXP_TAYLOR[-2::-1]:
