@@ -12,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlxgpt import fastmath
 from mlxgpt.blas import is_linux_cpu_wheel
 from mlxgpt.fastmath import cross_entropy, exp_poly, gelu_tanh, softmax
 
@@ -35,7 +36,9 @@ def test_exp_is_within_two_ulp_of_float64_and_flushes_below_float32_normals():
     assert np.array(exp_poly(mx.array([-88.5, -1000.0, -np.inf]))).tolist() == [0.0, 0.0, 0.0]
 
 
-def test_softmax_and_its_gradient_match_mlx_with_masked_entries_exactly_zero():
+@pytest.mark.parametrize("chunk", [2**20, 100], ids=["one-block", "blocks-of-3-rows"])
+def test_softmax_and_its_gradient_match_mlx_with_masked_entries_exactly_zero(chunk, monkeypatch):
+    monkeypatch.setattr(fastmath, "CHUNK_ELEMENTS", chunk)
     mx.random.seed(0)
     x = 8 * mx.random.normal((3, 2, 33, 33))
     x = mx.where(mx.triu(mx.ones((33, 33)), k=1) > 0, -mx.inf, x)  # a causal mask
@@ -47,7 +50,9 @@ def test_softmax_and_its_gradient_match_mlx_with_masked_entries_exactly_zero():
     assert mx.allclose(ours, theirs, atol=1e-6)
 
 
-def test_cross_entropy_and_its_gradient_match_mlx():
+@pytest.mark.parametrize("chunk", [2**20, 1000], ids=["one-block", "blocks-of-9-rows"])
+def test_cross_entropy_and_its_gradient_match_mlx(chunk, monkeypatch):
+    monkeypatch.setattr(fastmath, "CHUNK_ELEMENTS", chunk)
     mx.random.seed(0)
     logits, targets = 6 * mx.random.normal((4, 9, 101)), mx.random.randint(0, 101, (4, 9))
     reference = lambda z: nn.losses.cross_entropy(z, targets, reduction="mean")  # noqa: E731

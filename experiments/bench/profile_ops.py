@@ -7,11 +7,13 @@ import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
 
 import argparse
 import time
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxgpt.model import gelu_tanh
+from mlxgpt.fastmath import gelu_tanh, softmax
+from mlxgpt.model import CausalSelfAttention, GPTConfig
 
 
 def best_ms(fn, *args, reps: int = 5) -> float:
@@ -36,10 +38,16 @@ def main() -> None:
     x, hidden = mx.random.normal((B, T, C)), mx.random.normal((B, T, 4 * C))
     q, k, v = (mx.random.normal((B, H, T, C // H)) for _ in range(3))
     w_fc, w_ln, b_ln = mx.random.normal((4 * C, C)) * 0.02, mx.ones((C,)), mx.zeros((C,))
+    scores = mx.random.normal((B, H, T, T))
+    attention = CausalSelfAttention(GPTConfig(block_size=T, n_layer=6, n_head=H, n_embd=C, dropout=0.0))
     ops = {
         "layer_norm": (lambda x: mx.fast.layer_norm(x, w_ln, b_ln, 1e-5), x),
         "attention (sdpa, causal)": (lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=C ** -0.5,
                                                                                            mask="causal"), q, k, v),
+        "attention (mlxgpt explicit: fastmath softmax)": (partial(attention._explicit_attention, scale=C ** -0.5),
+                                                          q, k, v),
+        "mx.softmax (B, H, T, T)": (lambda s: mx.softmax(s, axis=-1), scores),
+        "fastmath.softmax": (softmax, scores),
         "linear C -> 4C": (lambda x: x @ w_fc.T, x),
         "nn.gelu_approx (MLX)": (nn.gelu_approx, hidden),
         "gelu_tanh (mlxgpt)": (gelu_tanh, hidden),

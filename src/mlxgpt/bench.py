@@ -41,12 +41,13 @@ from mlxgpt.model import GPT
 from mlxgpt.trainer import mixed_precision_loss
 
 PRESETS = {  # Hydra overrides; the data is the embedded default (offline), its vocabulary sizes the model
-    "cpu": ["model=mini", "model.block_size=64", "model.bias=false", "trainer.batch_size=12"],  # nanoGPT README's CPU run
-    "baby": ["model=baby", "model.bias=false", "trainer.batch_size=64"],  # nanoGPT shakespeare_char (6L/6H/384, T256)
+    # nanoGPT's README CPU run (4L/4H/128, T64) and shakespeare_char (6L/6H/384, T256), bias=False as its train.py
+    "cpu": ["model=mini", "model.block_size=64", "model.bias=false", "trainer.batch_size=12"],
+    "baby": ["model=baby", "model.bias=false", "trainer.batch_size=64"],
     "gpt2": ["model=gpt2_small", "model.vocab_size=50304", "trainer.batch_size=8"],  # GPT-2 124M, T1024
 }
 TORCH_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "mps"}  # MLX backend -> torch device
-THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")  # recorded with the command
+RUN_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MLXGPT_MALLOC", "MLXGPT_BLAS")  # recorded
 QUIET_RUN = ["logger=none", "callbacks.evaluation.at_start=false", "trainer.eval_iters=1",
              "callbacks.sample.max_new_tokens=0"]
 
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
     if not trainer.is_main:
         return 0
     peak = max(device.peak_flops(cfg.trainer.dtype) or 0 for _ in range(3)) * trainer.world or None  # CPU: best of 3
-    env = [f"{k}={os.environ[k]}" for k in THREAD_ENV if k in os.environ]
+    env = [f"{k}={os.environ[k]}" for k in RUN_ENV if k in os.environ]
     launch = [f"mlx.launch -n {trainer.world} --backend ring --"] if trainer.world > 1 else []
     command = " ".join([*env, *launch, "python bench.py", *(argv if argv is not None else sys.argv[1:])])
     ranks = f"-{trainer.world}ranks" if trainer.world > 1 else ""

@@ -1,7 +1,8 @@
-"""Transcendentals for MLX's CPU backend, where `tanh` and `exp` are slow scalar loops (NOTES.md).
+"""GELU, softmax and cross-entropy that avoid MLX's CPU transcendentals (`tanh`, `exp`: slow scalar loops).
 
-Each function is the same math as its MLX counterpart to float32 tolerance, built from multiplies, adds and bit
+On the CPU each is the same math as its MLX counterpart to float32 tolerance, built from multiplies, adds and bit
 shifts that `mx.compile` turns into one loop, with a custom VJP where the default one would call the slow kernels.
+On GPUs they are MLX's own fused kernels.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 from functools import partial
 
 import mlx.core as mx
+import mlx.nn as nn
 
 # tanh(z) = z * P(z^2) / Q(z^2) on [-9, 9], beyond which tanh is +-1 in float32: a rational least-squares fit
 # (float32 error < 4e-7).
@@ -19,6 +21,7 @@ GELU_C = math.sqrt(2 / math.pi)
 # reduction); exp(r) by its Taylor series to r^7 (truncation < 6e-9 relative).
 LN2_HI, LN2_LO = 0.693145751953125, 1.428606765330187e-06
 EXP_TAYLOR = tuple(1 / math.factorial(i) for i in range(8))
+CHUNK_ELEMENTS = 2**20  # per block of the CPU softmax and cross-entropy (4 MB): few temporaries for large inputs
 EXP_MIN = -88.0  # exp below this is under float32's smallest normal: flushed to 0, as exp(-inf)
 ROUND_MAGIC = 1.5 * 2**23  # (t + M) - M rounds |t| < 2^22 to an integer: float adds instead of a libm floor call
 
@@ -62,16 +65,33 @@ def _gelu_tanh_slope(x: mx.array) -> mx.array:
 
 
 @mx.custom_function
-def gelu_tanh(x: mx.array) -> mx.array:
-    """GELU, tanh approximation: GPT-2's "gelu_new" (= nn.gelu_approx), without the slow CPU transcendental.
-
-    Value and slope are each one compiled kernel (a custom vjp is not fused into the surrounding graph)."""
+def _gelu_tanh_cpu(x: mx.array) -> mx.array:
+    """Value and slope are each one compiled kernel (a custom vjp is not fused into the surrounding graph)."""
     return _gelu_tanh(x)
 
 
-@gelu_tanh.vjp
+@_gelu_tanh_cpu.vjp
 def _gelu_tanh_vjp(x, cotangent, output):
     return cotangent * _gelu_tanh_slope(x)
+
+
+def on_cpu() -> bool:
+    """True when MLX computes on the CPU (decided when a function is traced)."""
+    return mx.default_device() == mx.cpu
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GELU, tanh approximation: GPT-2's "gelu_new" (= nn.gelu_approx)."""
+    return _gelu_tanh_cpu(x) if on_cpu() else nn.gelu_approx(x)
+
+
+def _by_rows(fn, *arrays: mx.array) -> mx.array:
+    """fn over blocks of about CHUNK_ELEMENTS elements of rows (arrays (N, V)), concatenated."""
+    rows = max(1, CHUNK_ELEMENTS // arrays[0].shape[-1])
+    n = arrays[0].shape[0]
+    if n <= rows:
+        return fn(*arrays)
+    return mx.concatenate([fn(*(a[i:i + rows] for a in arrays)) for i in range(0, n, rows)])
 
 
 @mx.compile
@@ -86,14 +106,18 @@ def _softmax_vjp(p: mx.array, cotangent: mx.array) -> mx.array:
 
 
 @mx.custom_function
+def _softmax_cpu(x: mx.array) -> mx.array:
+    return _by_rows(_softmax, x)
+
+
+@_softmax_cpu.vjp
+def _softmax_backward(x, cotangent, output):
+    return _by_rows(_softmax_vjp, output, cotangent)
+
+
 def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis of float32 x (= mx.softmax); -inf entries get exactly 0."""
-    return _softmax(x)
-
-
-@softmax.vjp
-def _softmax_backward(x, cotangent, output):
-    return _softmax_vjp(output, cotangent)
+    return _softmax_cpu(x.reshape(-1, x.shape[-1])).reshape(x.shape) if on_cpu() else mx.softmax(x, axis=-1)
 
 
 def _logsumexp(x: mx.array) -> mx.array:
@@ -114,12 +138,18 @@ def _cross_entropy_grad(logits: mx.array, targets: mx.array, cotangent: mx.array
 
 
 @mx.custom_function
-def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
-    """-log softmax(logits)[target] per position of float32 logits (..., V) and integer targets (...)."""
-    return _cross_entropy(logits, targets)
+def _cross_entropy_cpu(logits: mx.array, targets: mx.array) -> mx.array:
+    return _by_rows(_cross_entropy, logits, targets)
 
 
-@cross_entropy.vjp
+@_cross_entropy_cpu.vjp
 def _cross_entropy_backward(primals, cotangent, output):
     logits, targets = primals
-    return _cross_entropy_grad(logits, targets, cotangent), mx.zeros_like(targets)
+    return _by_rows(_cross_entropy_grad, logits, targets, cotangent), mx.zeros_like(targets)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """-log softmax(logits)[target] per position of float32 logits (..., V) and integer targets (...)."""
+    if not on_cpu():
+        return nn.losses.cross_entropy(logits, targets)
+    return _cross_entropy_cpu(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).reshape(targets.shape)

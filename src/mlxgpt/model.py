@@ -14,7 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxgpt.errors import UserError
-from mlxgpt.fastmath import cross_entropy, gelu_tanh, softmax
+from mlxgpt.fastmath import cross_entropy, gelu_tanh, on_cpu, softmax
 
 
 @dataclass
@@ -85,7 +85,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         scale = 1.0 / math.sqrt(C // self.n_head)
-        if (self.training and self.dropout > 0) or mx.default_device() == mx.cpu:
+        if (self.training and self.dropout > 0) or on_cpu():
             y = self._explicit_attention(q, k, v, scale)
         else:  # "causal" aligns the last query with the last key, so it also fits queries after a cache
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if T > 1 else None)
