@@ -38,9 +38,14 @@ def select_device(name: str) -> mx.Device:
     return device
 
 
+def on_cpu() -> bool:
+    """True when MLX computes on the CPU (inside mx.compile: decided when the function is traced)."""
+    return mx.default_device() == mx.cpu
+
+
 def backend() -> str:
     """metal | cuda | cpu for the current default device."""
-    if mx.default_device() == mx.cpu:
+    if on_cpu():
         return "cpu"
     return "metal" if mx.metal.is_available() else "cuda"
 

@@ -12,6 +12,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxgpt.device import on_cpu
+
 # tanh(z) = z * P(z^2) / Q(z^2) on [-9, 9], beyond which tanh is +-1 in float32: a rational least-squares fit
 # (float32 error < 4e-7).
 TANH_P = (0.9999999795, 0.1338102043, 0.003495581624, 2.060896469e-05, 1.335448551e-08)
@@ -73,11 +75,6 @@ def _gelu_tanh_cpu(x: mx.array) -> mx.array:
 @_gelu_tanh_cpu.vjp
 def _gelu_tanh_vjp(x, cotangent, output):
     return cotangent * _gelu_tanh_slope(x)
-
-
-def on_cpu() -> bool:
-    """True when MLX computes on the CPU (decided when a function is traced)."""
-    return mx.default_device() == mx.cpu
 
 
 def gelu_tanh(x: mx.array) -> mx.array:

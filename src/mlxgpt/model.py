@@ -13,8 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxgpt.device import on_cpu
 from mlxgpt.errors import UserError
-from mlxgpt.fastmath import cross_entropy, gelu_tanh, on_cpu, softmax
+from mlxgpt.fastmath import cross_entropy, gelu_tanh, softmax
 
 
 @dataclass
