@@ -27,6 +27,8 @@ def test_fast_gelu_and_its_gradient_match_gpt2_gelu_in_float64():
     np.testing.assert_allclose(np.array(value[0]), 0.5 * x64 * (1 + t), atol=2e-6, rtol=0)
     np.testing.assert_allclose(np.array(grad[0]), slope, atol=1e-5, rtol=0)
     assert mx.allclose(gelu_tanh(mx.array(x)), nn.gelu_approx(mx.array(x)), atol=2e-6)
+    saturated = mx.array([1e4, -1e4])  # tanh is exactly +-1 there: slopes exactly 1 and 0
+    assert mx.vjp(gelu_tanh, [saturated], [mx.ones((2,))])[1][0].tolist() == [1.0, 0.0]
 
 
 def test_exp_is_within_two_ulp_of_float64_and_flushes_below_float32_normals():

@@ -1,7 +1,8 @@
 """GELU, softmax and cross-entropy that avoid MLX's CPU transcendentals (`tanh`, `exp`: slow scalar loops).
 
 On the CPU each is the same math as its MLX counterpart to float32 tolerance, built from multiplies, adds and bit
-shifts that `mx.compile` turns into one loop, with a custom VJP where the default one would call the slow kernels.
+shifts that `mx.compile` turns into a few vectorized loops (shallow polynomials, chosen kernel cuts, no branches), with
+a custom VJP where the default one would call the slow kernels.
 On GPUs they are MLX's own fused kernels.
 """
 from __future__ import annotations
@@ -28,53 +29,73 @@ EXP_MIN = -88.0  # exp below this is under float32's smallest normal: flushed to
 ROUND_MAGIC = 1.5 * 2**23  # (t + M) - M rounds |t| < 2^22 to an integer: float adds instead of a libm floor call
 
 
-def tanh_rational(z: mx.array) -> mx.array:
-    """tanh from multiplies, adds and one divide (see TANH_P)."""
-    z = mx.clip(z, -9.0, 9.0)
+def fusion_break(*arrays: mx.array) -> tuple[mx.array, ...]:
+    """The arrays as outputs of the kernels computing them (a reshape is never fused).
+
+    mx.compile fuses element-wise ops at most 11 deep and cuts longer chains wherever the limit falls; a cut at a
+    broadcast constant makes the next kernel a strided, unvectorized loop. These math functions cut in chosen places.
+    """
+    return tuple(a.reshape(-1).reshape(a.shape) for a in arrays)
+
+
+def _poly(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
+    """sum_i c_i x^i by Estrin's scheme: depth ~2 log2(degree) instead of Horner's 2 degree (fused kernels stay whole)."""
+    terms = [coefficients[i] + coefficients[i + 1] * x if i + 1 < len(coefficients) else coefficients[i]
+             for i in range(0, len(coefficients), 2)]
+    power = x * x
+    while len(terms) > 1:
+        terms = [terms[i] + power * terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+        power = power * power if len(terms) > 1 else power
+    return terms[0]
+
+
+def _tanh_arg(x: mx.array) -> mx.array:
+    """u = sqrt(2/pi) (x + 0.044715 x^3) clipped to [-9, 9], beyond which tanh is +-1 in float32."""
+    return mx.minimum(mx.maximum(x * (GELU_C + (GELU_C * 0.044715) * (x * x)), -9.0), 9.0)
+
+
+def tanh_clipped(z: mx.array) -> mx.array:
+    """tanh of z in [-9, 9] from multiplies, adds and one divide (see TANH_P)."""
     s = z * z
-    p, q = TANH_P[-1], TANH_Q[-1]
-    for c in TANH_P[-2::-1]:
-        p = p * s + c
-    for c in TANH_Q[-2::-1]:
-        q = q * s + c
-    return z * p / q
+    return (z * _poly(s, TANH_P)) / _poly(s, TANH_Q)
 
 
 def exp_poly(x: mx.array) -> mx.array:
     """exp of float32 x <= 88 (relative error ~1e-7), 0 below EXP_MIN; 2^n is built in the exponent bits."""
     x = mx.maximum(x, EXP_MIN)
     n = (x * (1 / math.log(2)) + ROUND_MAGIC) - ROUND_MAGIC
-    r = x - n * LN2_HI - n * LN2_LO
-    p = EXP_TAYLOR[-1]
-    for c in EXP_TAYLOR[-2::-1]:
-        p = p * r + c
+    r = (x - n * LN2_HI) - n * LN2_LO
     two_n = mx.view((n.astype(mx.int32) + 127) << 23, mx.float32)  # n = -127 gives the bits of 0.0
-    return p * two_n
+    return _poly(r, EXP_TAYLOR) * two_n
 
 
-@partial(mx.compile, shapeless=True)
+@mx.compile
 def _gelu_tanh(x: mx.array) -> mx.array:
-    return 0.5 * x * (1 + tanh_rational(GELU_C * (x + 0.044715 * x * x * x)))
+    (z,) = fusion_break(_tanh_arg(x))
+    return x * (0.5 + 0.5 * tanh_clipped(z))
 
 
-@partial(mx.compile, shapeless=True)
-def _gelu_tanh_slope(x: mx.array) -> mx.array:
-    """d/dx = (1 + t) / 2 + x (1 - t^2) u' / 2 for t = tanh(u), with 1 - t^2 = 0 where tanh saturates (|u| >= 9)."""
-    u = GELU_C * (x + 0.044715 * x * x * x)
-    t = tanh_rational(u)
-    du = GELU_C * (1 + 3 * 0.044715 * x * x)
-    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du * (mx.abs(u) < 9.0)
+@mx.compile
+def _gelu_tanh_grad(x: mx.array, cotangent: mx.array) -> mx.array:
+    """cotangent * ((1 + t) / 2 + x (1 - t^2) u' / 2) for t = tanh(u); 1 - t^2 is 0 where tanh saturates (|u| >= 9)."""
+    (z,) = fusion_break(_tanh_arg(x))
+    (t,) = fusion_break(tanh_clipped(z))
+    # 1 where |z| < 9 (iff |u| < 9; then 81 - z^2 >= 7.6e-6 absorbs 1e-30), 0 at +-9: branch-free, so the loop vectorizes
+    margin = 81.0 - z * z
+    unsaturated = margin / (margin + 1e-30)
+    half_x_du = (0.5 * GELU_C) * x * (1 + (3 * 0.044715) * (x * x)) * unsaturated
+    return cotangent * ((0.5 + 0.5 * t) + half_x_du * (1 - t * t))
 
 
 @mx.custom_function
 def _gelu_tanh_cpu(x: mx.array) -> mx.array:
-    """Value and slope are each one compiled kernel (a custom vjp is not fused into the surrounding graph)."""
+    """Value and gradient are compiled functions of their own (a custom vjp is not fused into the surrounding graph)."""
     return _gelu_tanh(x)
 
 
 @_gelu_tanh_cpu.vjp
 def _gelu_tanh_vjp(x, cotangent, output):
-    return cotangent * _gelu_tanh_slope(x)
+    return _gelu_tanh_grad(x, cotangent)
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
