@@ -1,5 +1,6 @@
 """The CPU fast path's math: GELU, exp, softmax and cross-entropy equal MLX's (or float64) to float32 tolerance, with
-their gradients; glibc keeps freed memory for reuse."""
+their gradients; dropout's hash mask drops the right share, reproducibly, the same in backward; glibc keeps freed
+memory for reuse."""
 import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
 
 import math
@@ -14,7 +15,7 @@ import pytest
 
 from mlxgpt import fastmath
 from mlxgpt.blas import is_linux_cpu_wheel
-from mlxgpt.fastmath import cross_entropy, exp_poly, gelu_tanh, softmax
+from mlxgpt.fastmath import cross_entropy, dropout, exp_poly, gelu_tanh, softmax
 
 
 def test_fast_gelu_and_its_gradient_match_gpt2_gelu_in_float64():
@@ -61,6 +62,32 @@ def test_cross_entropy_and_its_gradient_match_mlx(chunk, monkeypatch):
     ours = lambda z: cross_entropy(z, targets).mean()  # noqa: E731
     assert mx.allclose(ours(logits), reference(logits), rtol=1e-6)
     assert mx.allclose(mx.grad(ours)(logits), mx.grad(reference)(logits), atol=1e-8, rtol=1e-5)
+
+
+@pytest.fixture
+def cpu_device():
+    """The CPU as MLX's default device (where fastmath's own kernels apply), restored afterwards."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_cpu_dropout_drops_p_of_the_elements_reproducibly_with_the_same_mask_in_backward(p, cpu_device):
+    x = mx.random.normal((1000, 1000))
+    mx.random.seed(7)
+    out, grad = mx.vjp(lambda t: dropout(t, p), [x], [mx.ones(x.shape)])
+    out, grad = out[0], grad[0]
+    kept = out != 0
+    assert abs(kept.mean().item() - (1 - p)) < 0.003  # 6 standard deviations of 1e6 draws
+    assert mx.allclose(mx.where(kept, out, 0), mx.where(kept, x / (1 - p), 0)).item()
+    assert mx.array_equal(grad, kept / (1 - p)).item()  # backward multiplies by the forward's mask
+    neighbours = (kept[:, 1:] & kept[:, :-1]).mean().item()  # independent neighbours: (1 - p)^2
+    assert abs(neighbours - (1 - p) ** 2) < 0.004
+    mx.random.seed(7)
+    assert mx.array_equal(dropout(x, p), out).item()  # the same random state gives the same mask
+    assert abs((dropout(x, p) != 0).astype(mx.float32) - kept).mean().item() > 2 * p * (1 - p) - 0.01  # a new one
 
 
 PAGE_FAULTS = """import mlxgpt, resource, mlx.core as mx

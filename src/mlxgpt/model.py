@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from mlxgpt.device import on_cpu
 from mlxgpt.errors import UserError
-from mlxgpt.fastmath import cross_entropy, gelu_tanh, softmax
+from mlxgpt.fastmath import cross_entropy, dropout, gelu_tanh, softmax
 
 
 @dataclass
@@ -42,6 +42,17 @@ class LayerNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return mx.fast.layer_norm(x, self.weight, self.get("bias"), 1e-5)
+
+
+class Dropout(nn.Module):
+    """Zeroes elements with probability p in training, scaling the rest by 1 / (1 - p) (see fastmath.dropout)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self._p = p
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return dropout(x, self._p) if self.training and self._p > 0 else x
 
 
 class KVCache:
@@ -76,8 +87,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v together
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         B, T, C = x.shape
@@ -111,7 +122,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
@@ -140,7 +151,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.h = [Block(config) for _ in range(config.n_layer)]
         self.ln_f = LayerNorm(config.n_embd, config.bias)
         self.grad_checkpoint = False  # recompute each block's activations in the backward pass: less memory
