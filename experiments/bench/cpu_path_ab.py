@@ -4,9 +4,9 @@ process (the malloc setting is per process) and the processes take turns steppin
     python experiments/bench/cpu_path_ab.py --model cpu --batch 12 --steps 40
     python experiments/bench/cpu_path_ab.py --model baby --batch 32 --steps 6 --variants gelu,softmax,malloc
 
-`mlx` is MLX's own math (nn.gelu_approx, mx.softmax, nn.losses.cross_entropy) with glibc's default malloc; the
-changes are `gelu` (fastmath.gelu_tanh), `softmax` (fastmath softmax and cross-entropy) and `malloc` (freed memory
-kept, mlxgpt.malloc). Variants are cumulative in the order given: each adds its change to those listed before it.
+`mlx` is MLX's own math (nn.gelu_approx, mx.softmax, nn.losses.cross_entropy, bernoulli dropout masks) with glibc's
+default malloc; the changes are `gelu` (fastmath.gelu_tanh), `softmax` (fastmath softmax and cross-entropy), `malloc`
+(freed memory kept, mlxgpt.malloc) and `dropout` (fastmath.dropout's hash mask; baby only, the CPU config has none). Variants are cumulative in the order given: each adds its change to those listed before it.
 Attention is the explicit one in every variant (MLX's CPU fused kernel is the same matmuls and softmax).
 Models: `cpu` = nanoGPT README's CPU config (4L/4H/128, T64), `baby` = shakespeare_char (6L/6H/384, T256,
 dropout 0.2), both bias=False and vocab 65 as nanoGPT's.
@@ -20,7 +20,7 @@ import sys
 import time
 from functools import partial
 
-VARIANTS = ("mlx", "gelu", "softmax", "malloc")  # the baseline, then the changes
+VARIANTS = ("mlx", "gelu", "softmax", "malloc", "dropout")  # the baseline, then the changes
 MODELS = {"cpu": dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
           "baby": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2)}
 
@@ -39,6 +39,8 @@ def worker(changes: list[str], model_name: str, batch: int) -> None:
     if "softmax" not in changes:
         gpt.softmax = partial(mx.softmax, axis=-1)
         gpt.cross_entropy = nn.losses.cross_entropy
+    if "dropout" not in changes:
+        gpt.dropout = lambda x, p: (mx.random.bernoulli(1 - p, x.shape) * x) * (1 / (1 - p))  # = nn.Dropout
     mx.random.seed(0)
     model = gpt.GPT(gpt.GPTConfig(vocab_size=65, bias=False, **MODELS[model_name]))
     optimizer = optim.AdamW(1e-3, betas=[0.9, 0.99], weight_decay=0.1, bias_correction=True)

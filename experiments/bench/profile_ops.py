@@ -12,7 +12,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxgpt.fastmath import gelu_tanh, softmax
+from mlxgpt.fastmath import dropout, gelu_tanh, softmax
 from mlxgpt.model import CausalSelfAttention, GPTConfig
 
 
@@ -51,6 +51,8 @@ def main() -> None:
         "linear C -> 4C": (lambda x: x @ w_fc.T, x),
         "nn.gelu_approx (MLX)": (nn.gelu_approx, hidden),
         "gelu_tanh (mlxgpt)": (gelu_tanh, hidden),
+        "dropout 0.2 (B, H, T, T), MLX bernoulli mask": (lambda s: mx.random.bernoulli(0.8, s.shape) * s / 0.8, scores),
+        "fastmath.dropout 0.2 (hash mask)": (lambda s: dropout(s, 0.2), scores),
     }
     print(f"one layer's ops, B={B}, T={T}, C={C}, on {mx.default_device()}: best of 5, ms")
     print("| op | forward | backward (vjp w.r.t. the input) |\n|---|---:|---:|")
