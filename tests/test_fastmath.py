@@ -109,3 +109,10 @@ def test_a_freed_array_is_reused_without_page_faults(setting):
                                 check=True).stdout)
     pages = 256 * 1024 * 1024 // 4096
     assert faults < pages // 20 if setting == "keep" else faults > pages // 2
+
+
+def test_an_unknown_malloc_setting_is_named_on_stderr():
+    env = {"MLXGPT_MALLOC": "kep", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", "import mlxgpt"], env=env, capture_output=True, text=True, check=True)
+    assert out.stderr.strip() == ("mlxgpt: MLXGPT_MALLOC='kep' is neither keep nor default; using keep "
+                                  "(unset it or fix the value)")

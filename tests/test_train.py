@@ -88,7 +88,8 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
 
 def test_kill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     common = [*TINY, "model.dropout=0.1", "trainer.max_iters=150", "trainer.eval_interval=10",
-              "trainer.gradient_accumulation_steps=2", f"paths.log_dir={tmp_path}/logs"]
+              "trainer.gradient_accumulation_steps=2", f"paths.log_dir={tmp_path}/logs",
+              "callbacks.sample.every_evals=1", "callbacks.sample.max_new_tokens=8"]
     run(["train.py", *common, "run_name=full"], tmp_path)
 
     env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data")}
@@ -108,3 +109,5 @@ def test_kill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     run(["train.py", *common, "run_name=killed", "trainer.resume=auto"], tmp_path)
     full, resumed = losses(tmp_path / "logs/runs/full"), losses(tmp_path / "logs/runs/killed")
     assert len(full) == len(resumed) and resumed == full
+    samples = [(tmp_path / f"logs/runs/{name}/samples.jsonl").read_text() for name in ("full", "killed")]
+    assert samples[1] == samples[0] and samples[0].count("\n") == 17  # evals at 0, 10, ..., 150, then the end

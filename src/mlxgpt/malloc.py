@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 
 from mlxgpt.blas import is_linux_cpu_wheel
 
@@ -17,7 +18,11 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc malloc.h
 
 def keep_freed_memory() -> bool:
     """Tune glibc malloc for reuse (Linux CPU wheel only; MLXGPT_MALLOC=default leaves it); True when applied."""
-    if os.environ.get("MLXGPT_MALLOC") == "default" or not is_linux_cpu_wheel() or platform.libc_ver()[0] != "glibc":
+    setting = os.environ.get("MLXGPT_MALLOC", "keep")
+    if setting not in ("keep", "default"):
+        print(f"mlxgpt: MLXGPT_MALLOC={setting!r} is neither keep nor default; using keep (unset it or fix the value)",
+              file=sys.stderr)
+    if setting == "default" or not is_linux_cpu_wheel() or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
     # -1 is SIZE_MAX as glibc's size_t threshold: never trim

@@ -3,6 +3,7 @@ checks before Hydra writes into the directory, and the command that continues a 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shlex
 import socket
@@ -19,6 +20,24 @@ from mlxgpt.errors import UserError
 
 LOCK_FILE = ".lock"
 _held: dict[Path, int] = {}  # run dirs this process holds: the open lock file of each
+
+
+def start_records(path: Path, resumed_at: int | None) -> None:
+    """Ready a JSON-lines record file (each record has an "iter") for a run: on resume, drop the records past the
+    resumed iteration (the run writes them again); on a fresh start, drop all (those of an attempt killed before its
+    first checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines() if resumed_at is not None else []:
+        try:
+            if json.loads(line)["iter"] <= resumed_at:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def refuse_used_run_dir(run_dir: Path) -> None:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 
 from mlxgpt.callbacks.base import Callback
+from mlxgpt.rundir import start_records
 
 
 class MetricsFileCallback(Callback):
@@ -18,24 +18,8 @@ class MetricsFileCallback(Callback):
         if not trainer.is_main:
             return
         path = trainer.run_dir / self.filename
-        if trainer.resumed and path.exists():
-            self._truncate_after(path, trainer.iter)
-        # a fresh start replaces the records of an attempt killed before its first checkpoint
-        self._file = open(path, "a" if trainer.resumed else "w", encoding="utf-8")
-
-    @staticmethod
-    def _truncate_after(path, it: int) -> None:
-        """Drop records past the resumed iteration (the resumed run writes them again, identically)."""
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["iter"] <= it:
-                    kept.append(line)
-            except ValueError:
-                continue  # a line cut short by a kill
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, path)
+        start_records(path, trainer.iter if trainer.resumed else None)
+        self._file = open(path, "a", encoding="utf-8")
 
     def _write(self, event: str, logs: dict) -> None:
         if self._file is not None:

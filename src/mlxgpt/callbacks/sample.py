@@ -6,6 +6,9 @@ import json
 import mlx.core as mx
 
 from mlxgpt.callbacks.base import Callback
+from mlxgpt.rundir import start_records
+
+RECORDS = "samples.jsonl"
 
 
 class SampleCallback(Callback):
@@ -17,6 +20,12 @@ class SampleCallback(Callback):
         self.temperature, self.top_k = temperature, top_k
         self.every_evals, self.print_at_end = every_evals, print_at_end
         self._evals = 0
+        self._records_started = False  # samples.jsonl readied for this run (see start_records)
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.is_main and trainer.resumed:  # before any sample: a resumed run has no evaluation at start
+            start_records(trainer.run_dir / RECORDS, trainer.iter)
+            self._records_started = True
 
     def on_eval_end(self, trainer, logs) -> None:
         self._evals += 1
@@ -40,7 +49,10 @@ class SampleCallback(Callback):
         model.train()
         text = self.prompt + tokenizer.decode(ids)
         if trainer.is_main:
-            with open(trainer.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            if not self._records_started:  # a fresh run's first sample, maybe from the evaluation at start
+                start_records(trainer.run_dir / RECORDS, None)
+                self._records_started = True
+            with open(trainer.run_dir / RECORDS, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"iter": trainer.iter, "prompt": self.prompt, "text": text}) + "\n")
         trainer.emit("on_sample", {"iter": trainer.iter, "prompt": self.prompt, "samples": [text]})
         return text
