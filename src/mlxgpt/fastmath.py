@@ -193,7 +193,7 @@ def _hash_dropout(p: float):
     @mx.compile
     def apply(x: mx.array, seed: mx.array) -> mx.array:
         (seed,) = fusion_break(seed)  # one seed, not one per element
-        return x * (_keep_mask(seed, x.shape, p) * (1 / (1 - p)))
+        return x * (_keep_mask(seed, x.shape, p) * (1 / (1 - p))).astype(x.dtype)
 
     @mx.custom_function
     def dropout_cpu(x: mx.array, seed: mx.array) -> mx.array:
@@ -212,6 +212,6 @@ def dropout(x: mx.array, p: float) -> mx.array:
     The mask comes from MLX's random state (one draw per call); on the CPU it is a counter hash, ~3.5x faster than
     MLX's bernoulli there, on GPUs MLX's bernoulli.
     """
-    if not on_cpu():
+    if not on_cpu() or x.size >= 2**32:  # the hash counts elements in uint32
         return (mx.random.bernoulli(1 - p, x.shape) * x) * (1 / (1 - p))
     return _hash_dropout(p)(x, mx.random.randint(0, 2**31 - 1, ()).astype(mx.uint32))
