@@ -7,7 +7,7 @@ from mlxgpt.callbacks.base import Callback
 
 
 class ProgressCallback(Callback):
-    priority = 65  # closes its bar before the final sample is printed
+    priority = 40  # closes its bar before the final sample is printed (45)
 
     def __init__(self, leave: bool = True):
         self.leave = leave

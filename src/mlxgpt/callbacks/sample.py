@@ -12,7 +12,7 @@ RECORDS = "samples.jsonl"
 
 
 class SampleCallback(Callback):
-    priority = 70
+    priority = 45  # before checkpointing: a checkpoint never gets ahead of its iteration's sample
 
     def __init__(self, prompt: str = "\n", max_new_tokens: int = 300, temperature: float = 0.8, top_k: int | None = 200,
                  every_evals: int = 0, print_at_end: bool = True):
