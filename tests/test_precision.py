@@ -2,12 +2,10 @@
 slow)."""
 import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
 
-import math
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from hydra import compose, initialize_config_dir
 from mlx.utils import tree_flatten
 

@@ -8,7 +8,7 @@ On GPUs they are MLX's own fused kernels.
 from __future__ import annotations
 
 import math
-from functools import lru_cache, partial
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,7 +42,7 @@ def fusion_break(*arrays: mx.array) -> tuple[mx.array, ...]:
 
 
 def _poly(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
-    """sum_i c_i x^i by Estrin's scheme: depth ~2 log2(degree) instead of Horner's 2 degree (fused kernels stay whole)."""
+    """sum_i c_i x^i by Estrin's scheme: 2 log2(degree) ops deep instead of Horner's 2 degree (kernels stay whole)."""
     terms = [coefficients[i] + coefficients[i + 1] * x if i + 1 < len(coefficients) else coefficients[i]
              for i in range(0, len(coefficients), 2)]
     power = x * x

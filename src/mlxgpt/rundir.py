@@ -33,8 +33,8 @@ def start_records(path: Path, resumed_at: int | None) -> None:
         try:
             if json.loads(line)["iter"] <= resumed_at:
                 kept.append(line)
-        except ValueError:
-            continue  # a line cut short by a kill
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill, or not a record
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
