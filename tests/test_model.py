@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
@@ -52,6 +53,23 @@ def test_changing_a_token_never_changes_earlier_logits(train):
         after = model(mx.array(changed))
         assert mx.array_equal(before[:, :t], after[:, :t])
         assert not mx.array_equal(before[0, t], after[0, t])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_grad_checkpoint_gives_the_same_loss_and_gradients(dropout):
+    model = make_model(GPTConfig(**{**TINY.__dict__, "dropout": dropout}))
+    model.train()
+    idx, targets = (mx.random.randint(0, TINY.vocab_size, (3, TINY.block_size)) for _ in range(2))
+    loss_and_grad = nn.value_and_grad(model, model.loss)
+    results = []
+    for grad_checkpoint in (False, True):
+        model.grad_checkpoint = grad_checkpoint
+        mx.random.seed(5)  # the same dropout masks: a recomputed block reuses its random key
+        loss, grads = loss_and_grad(idx, targets)
+        results.append((loss, dict(tree_flatten(grads))))
+    (loss, grads), (loss_gc, grads_gc) = results
+    assert loss.item() == loss_gc.item()
+    assert all(mx.allclose(grads[name], grads_gc[name], atol=1e-6).item() for name in grads)
 
 
 def test_explicit_attention_matches_the_fused_kernel_and_its_gradient():

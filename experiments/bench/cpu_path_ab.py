@@ -40,7 +40,7 @@ def worker(changes: list[str], model_name: str, batch: int) -> None:
         gpt.softmax = partial(mx.softmax, axis=-1)
         gpt.cross_entropy = nn.losses.cross_entropy
     if "dropout" not in changes:
-        gpt.dropout = lambda x, p: (mx.random.bernoulli(1 - p, x.shape) * x) * (1 / (1 - p))  # = nn.Dropout
+        gpt.dropout = lambda x, p, key=None: (mx.random.bernoulli(1 - p, x.shape, key=key) * x) / (1 - p)  # nn.Dropout
     mx.random.seed(0)
     model = gpt.GPT(gpt.GPTConfig(vocab_size=65, bias=False, **MODELS[model_name]))
     optimizer = optim.AdamW(1e-3, betas=[0.9, 0.99], weight_decay=0.1, bias_correction=True)

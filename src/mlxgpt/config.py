@@ -186,8 +186,6 @@ def validate(cfg: DictConfig) -> None:
         _check(1 <= t.block_size <= m.block_size, "trainer.block_size", t.block_size,
                f"must be in [1, model.block_size={m.block_size}]")
     _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
-    _check(not (t.grad_checkpoint and m.dropout > 0), "trainer.grad_checkpoint", t.grad_checkpoint,
-           f"needs model.dropout=0 (now {m.dropout}): the recomputed blocks would draw other dropout masks")
     _check(0 < o.lr < math.inf, "optimizer.lr", o.lr, "must be > 0 and finite")
     _check(t.seed >= 0, "trainer.seed", t.seed, "must be >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),

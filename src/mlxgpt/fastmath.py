@@ -206,12 +206,12 @@ def _hash_dropout(p: float):
     return dropout_cpu
 
 
-def dropout(x: mx.array, p: float) -> mx.array:
+def dropout(x: mx.array, p: float, key: mx.array | None = None) -> mx.array:
     """Each element zeroed with probability p, the rest scaled by 1 / (1 - p) (= nn.Dropout in training).
 
-    The mask comes from MLX's random state (one draw per call); on the CPU it is a counter hash, ~3.5x faster than
-    MLX's bernoulli there, on GPUs MLX's bernoulli.
+    The mask comes from `key`, or from MLX's global random state (one draw per call); on the CPU it is a counter hash,
+    ~3.5x faster than MLX's bernoulli there, on GPUs MLX's bernoulli.
     """
     if not on_cpu() or x.size >= 2**32:  # the hash counts elements in uint32
-        return (mx.random.bernoulli(1 - p, x.shape) * x) * (1 / (1 - p))
-    return _hash_dropout(p)(x, mx.random.randint(0, 2**31 - 1, ()).astype(mx.uint32))
+        return (mx.random.bernoulli(1 - p, x.shape, key=key) * x) * (1 / (1 - p))
+    return _hash_dropout(p)(x, mx.random.randint(0, 2**31 - 1, (), key=key).astype(mx.uint32))

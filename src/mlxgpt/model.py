@@ -45,14 +45,15 @@ class LayerNorm(nn.Module):
 
 
 class Dropout(nn.Module):
-    """Zeroes elements with probability p in training, scaling the rest by 1 / (1 - p) (see fastmath.dropout)."""
+    """Zeroes elements with probability p in training, scaling the rest by 1 / (1 - p) (see fastmath.dropout); the
+    mask is drawn from `key` when given (the same key, the same mask)."""
 
     def __init__(self, p: float):
         super().__init__()
         self._p = p
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return dropout(x, self._p) if self.training and self._p > 0 else x
+    def __call__(self, x: mx.array, key: mx.array | None = None) -> mx.array:
+        return dropout(x, self._p, key) if self.training and self._p > 0 else x
 
 
 class KVCache:
@@ -90,7 +91,8 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = Dropout(config.dropout)
         self.resid_dropout = Dropout(config.dropout)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None = None, keys=(None, None)) -> mx.array:
+        """keys: the random keys of the dropout on the attention weights and on the output (None: global state)."""
         B, T, C = x.shape
         q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3) for t in (q, k, v))
@@ -98,13 +100,14 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(k, v)
         scale = 1.0 / math.sqrt(C // self.n_head)
         if (self.training and self.dropout > 0) or on_cpu():
-            y = self._explicit_attention(q, k, v, scale)
+            y = self._explicit_attention(q, k, v, scale, keys[0])
         else:  # "causal" aligns the last query with the last key, so it also fits queries after a cache
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if T > 1 else None)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y), keys[1])
 
-    def _explicit_attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    def _explicit_attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float,
+                            key: mx.array | None = None) -> mx.array:
         """Scores, causal mask, softmax, dropout, values: for dropout on the weights (the fused kernel has none) and
         on the CPU, where the fused kernel is this same computation with MLX's scalar softmax."""
         T_q, T_k = q.shape[2], k.shape[2]
@@ -112,7 +115,7 @@ class CausalSelfAttention(nn.Module):
         future = mx.arange(T_k)[None, :] > mx.arange(T_k - T_q, T_k)[:, None]
         scores = mx.where(future, mx.array(-mx.inf, mx.float32), scores.astype(mx.float32))
         weights = softmax(scores).astype(v.dtype)
-        return self.attn_dropout(weights) @ v
+        return self.attn_dropout(weights, key) @ v
 
 
 class MLP(nn.Module):
@@ -124,8 +127,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
+    def __call__(self, x: mx.array, key: mx.array | None = None) -> mx.array:
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))), key)
 
 
 class Block(nn.Module):
@@ -138,9 +141,11 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        x = x + self.attn(self.ln_1(x), cache)
-        return x + self.mlp(self.ln_2(x))
+    def __call__(self, x: mx.array, cache: KVCache | None = None, key: mx.array | None = None) -> mx.array:
+        """key: the random key of this block's dropout masks (None: drawn from MLX's global random state)."""
+        keys = [None] * 3 if key is None else mx.random.split(mx.stop_gradient(key), 3)  # no gradient for a key
+        x = x + self.attn(self.ln_1(x), cache, keys[:2])
+        return x + self.mlp(self.ln_2(x), keys[2])
 
 
 class GPT(nn.Module):
@@ -177,9 +182,15 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if offset + T > self.config.block_size:
             raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(mx.arange(offset, offset + T)))
-        for block, layer_cache in zip(self.h, cache or [None] * len(self.h)):
-            x = nn.utils.checkpoint(block)(x) if self.grad_checkpoint and cache is None else block(x, layer_cache)
+        keys = [None] * (len(self.h) + 1)
+        if self.training and self.config.dropout > 0:  # one draw from the global state; a recomputed block reuses its key
+            keys = mx.random.split(mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32), len(self.h) + 1)
+        x = self.drop(self.wte(idx) + self.wpe(mx.arange(offset, offset + T)), keys[0])
+        for block, layer_cache, key in zip(self.h, cache or [None] * len(self.h), keys[1:]):
+            if self.grad_checkpoint and cache is None:
+                x = nn.utils.checkpoint(block)(x, key=key)
+            else:
+                x = block(x, layer_cache, key)
         return self.ln_f(x)
 
     def __call__(self, idx: mx.array, cache: list[KVCache] | None = None) -> mx.array:
