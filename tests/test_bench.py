@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxgpt.bench import main
+from mlxgpt.bench import main, table_name
 from mlxgpt.errors import UserError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -17,12 +17,22 @@ def test_bench_times_ours_and_the_bare_step_and_writes_a_table(tmp_path, monkeyp
     monkeypatch.delenv("NANOGPT_DIR", raising=False)
     assert main(["--steps", "2", "--warmup", "1", "--round", "1", "--out", str(tmp_path / "out"), *TINY],
                 conf_dir=CONF) == 0
-    table = (tmp_path / "out" / "cpu-cpu.md").read_text()
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())  # named by preset, device and the overrides
+    assert written == ["cpu-cpu-model=nano-model.n_embd=32-trainer.batch_size=2-trainer.block_size=16.md"]
+    table = (tmp_path / "out" / written[0]).read_text()
     assert table == capsys.readouterr().out.split("written:")[0].strip() + "\n"
     rows = [line for line in table.splitlines() if line.startswith("| ours") or line.startswith("| bare")]
     assert len(rows) == 2 and all(float(row.split("|")[2]) > 0 for row in rows)  # ms/step
     assert "tokens/s ours / bare" in table and "T=16, B=2" in table
     assert "nanoGPT PyTorch step skipped" in table  # no checkout given: (c) is skipped with the reason
+
+
+def test_table_names_keep_tables_of_other_settings_apart():
+    assert table_name("cpu-cpu", []) == "cpu-cpu"
+    assert table_name("baby-cpu", ["trainer.batch_size=1", "hydra/launcher=x"]) == \
+        "baby-cpu-trainer.batch_size=1-hydra_launcher=x"
+    long = table_name("gpt2-gpu", [f"model.n_layer={n}" for n in range(30)])
+    assert len(long) == 109 and long != table_name("gpt2-gpu", [f"model.n_layer={n}" for n in range(31)])
 
 
 def test_bench_rejects_a_missing_nanogpt_checkout(tmp_path):

@@ -16,10 +16,12 @@ import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
 
 import argparse
 import contextlib
+import hashlib
 import importlib.util
 import io
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -334,6 +336,14 @@ def report(results: list[Result], skipped: list[str], trainer, peak_flops: float
     return "\n".join(lines) + "\n"
 
 
+def table_name(base: str, overrides: list[str]) -> str:
+    """`base` and the overrides as a file name: `cpu-cpu-trainer.batch_size=1`; a hash stands in for a long tail."""
+    name = "-".join([base, *(re.sub(r"[^A-Za-z0-9._=+-]", "_", o) for o in overrides)])
+    if len(name) > 120:
+        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
 def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides as for train.py (after the preset's)")
@@ -348,7 +358,8 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
                         help="torch.compile the nanoGPT model (auto: on CUDA only, as nanoGPT's CPU recipe)")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads for nanoGPT (default: torch's)")
     parser.add_argument("--out", default="experiments/bench", help="directory for the Markdown table")
-    parser.add_argument("--name", help="file name of the table (default: <preset>-<backend>[-<ranks>ranks])")
+    parser.add_argument("--name", help="file name of the table (default: <preset>-<backend>[-<ranks>ranks] and the "
+                        "overrides, so a run with other settings does not replace the preset's table)")
     args = parser.parse_args(argv)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if not contenders or set(contenders) - {"ours", "bare", "nanogpt"} or args.steps < 1 or args.warmup < 1:
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
     launch = [f"mlx.launch -n {trainer.world} --backend ring --"] if trainer.world > 1 else []
     command = " ".join([*env, *launch, "python bench.py", *(argv if argv is not None else sys.argv[1:])])
     ranks = f"-{trainer.world}ranks" if trainer.world > 1 else ""
-    name = args.name or f"{args.preset}-{device.backend()}{ranks}"
+    name = args.name or table_name(f"{args.preset}-{device.backend()}{ranks}", args.overrides)
     text = report(results, skipped, trainer, peak, f"Training speed: {name}", command)
     print(text)
     out = Path(args.out)
