@@ -6,7 +6,9 @@ process (the malloc setting is per process) and the processes take turns steppin
 
 `mlx` is MLX's own math (nn.gelu_approx, mx.softmax, nn.losses.cross_entropy, bernoulli dropout masks) with glibc's
 default malloc; the changes are `gelu` (fastmath.gelu_tanh), `softmax` (fastmath softmax and cross-entropy), `malloc`
-(freed memory kept, mlxgpt.malloc) and `dropout` (fastmath.dropout's hash mask; baby only, the CPU config has none). Variants are cumulative in the order given: each adds its change to those listed before it.
+(freed memory kept, mlxgpt.malloc), `dropout` (fastmath.dropout's hash mask; baby only, the CPU config has none) and
+`streams` (the batch as two halves computed at once on two CPU streams, one OpenBLAS thread each: trainer.cpu_streams=2).
+Variants are cumulative in the order given: each adds its change to those listed before it.
 Attention is the explicit one in every variant (MLX's CPU fused kernel is the same matmuls and softmax).
 Models: `cpu` = nanoGPT README's CPU config (4L/4H/128, T64), `baby` = shakespeare_char (6L/6H/384, T256,
 dropout 0.2), both bias=False and vocab 65 as nanoGPT's.
@@ -20,7 +22,7 @@ import sys
 import time
 from functools import partial
 
-VARIANTS = ("mlx", "gelu", "softmax", "malloc", "dropout")  # the baseline, then the changes
+VARIANTS = ("mlx", "gelu", "softmax", "malloc", "dropout", "streams")  # the baseline, then the changes
 MODELS = {"cpu": dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
           "baby": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2)}
 
@@ -32,7 +34,8 @@ def worker(changes: list[str], model_name: str, batch: int) -> None:
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    from mlxgpt import model as gpt
+    from mlxgpt import blas, model as gpt
+    from mlxgpt.trainer import StreamSplit
 
     if "gelu" not in changes:  # the model looks these names up at trace time
         gpt.gelu_tanh = nn.gelu_approx
@@ -47,12 +50,25 @@ def worker(changes: list[str], model_name: str, batch: int) -> None:
     optimizer.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, model.loss)
     state = [model.state, optimizer.state, mx.random.state]
+    compile_ = partial(mx.compile, inputs=state, outputs=state)
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(x, y):
-        loss, grads = loss_and_grad(x, y)
+    def update(grads):
         optimizer.update(model, optim.clip_grad_norm(grads, 1.0)[0])
-        return loss
+
+    if "streams" in changes:  # two halves of the batch at once, as trainer.cpu_streams=2
+        blas.share_threads(2)
+        split, update = StreamSplit(loss_and_grad, 2, compile_), compile_(update)
+
+        def step(x, y):
+            loss, grads = split(x, y)
+            update(grads)
+            return loss
+    else:
+        @compile_
+        def step(x, y):
+            loss, grads = loss_and_grad(x, y)
+            update(grads)
+            return loss
 
     x, y = (mx.random.randint(0, 65, (batch, model.config.block_size)) for _ in range(2))
     for _ in range(2):

@@ -36,15 +36,16 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from mlxgpt import device
+from mlxgpt import blas, device
 from mlxgpt.callbacks.base import Callback
 from mlxgpt.errors import UserError
 from mlxgpt.model import GPT
-from mlxgpt.trainer import mixed_precision_loss
+from mlxgpt.trainer import StreamSplit, mixed_precision_loss
 
 PRESETS = {  # Hydra overrides; the data is the embedded default (offline), its vocabulary sizes the model
     # nanoGPT's README CPU run (4L/4H/128, T64) and shakespeare_char (6L/6H/384, T256), bias=False as its train.py
-    "cpu": ["model=mini", "model.block_size=64", "model.bias=false", "trainer.batch_size=12"],
+    "cpu": ["model=mini", "model.block_size=64", "model.bias=false", "trainer.batch_size=12",
+            "trainer.cpu_streams=2"],  # its small kernels run faster as two concurrent halves (on a CPU only)
     "baby": ["model=baby", "model.bias=false", "trainer.batch_size=64"],
     "gpt2": ["model=gpt2_small", "model.vocab_size=50304", "trainer.batch_size=8"],  # GPT-2 124M, T1024
 }
@@ -97,23 +98,26 @@ class BareStep:
             return loss
 
         compile_ = partial(mx.compile, inputs=state, outputs=state)
-        self.grads, self.update, self.fused, self.accum = compile_(loss_and_grad), compile_(update), compile_(fused), accum
+        self.update, self.fused, self.accum = compile_(update), compile_(fused), accum
+        self.streams = trainer.streams  # the trainer's CPU streams, mirrored
+        self.grads = StreamSplit(loss_and_grad, self.streams, compile_) if self.streams > 1 else compile_(loss_and_grad)
         shape = (trainer.batch_size, trainer.block_size)
         self.x = mx.random.randint(0, self.model.config.vocab_size, shape)
         self.y = mx.random.randint(0, self.model.config.vocab_size, shape)
         self.result = Result("bare MLX step", trainer.tokens_per_iter)
 
     def step(self) -> None:
-        if self.accum == 1:
+        if self.accum == 1 and self.streams == 1:
             mx.eval(self.fused(self.x, self.y), self.model.state, self.optimizer.state)
             return
         total = None
         for _ in range(self.accum):
             loss, g = self.grads(self.x, self.y)
             total = g if total is None else tree_map(mx.add, total, g)
-            mx.eval(loss, total)
+            if self.accum > 1:
+                mx.eval(loss, total)
         self.update(total)
-        mx.eval(self.model.state, self.optimizer.state)
+        mx.eval(loss, self.model.state, self.optimizer.state)
 
 
 class NanoGPTStep:
@@ -150,6 +154,10 @@ class NanoGPTStep:
                                   f"torch.compile {'on' if compiled else 'off'}, {torch.get_num_threads()} threads")
 
     def step(self) -> None:
+        with blas.all_cores():  # in this process torch's sgemm is the OpenBLAS that MLX uses: all cores for it
+            self._step()
+
+    def _step(self) -> None:
         for _ in range(self.accum):
             with self.autocast:
                 _, loss = self.forward(self.x, self.y)
@@ -313,7 +321,7 @@ def report(results: list[Result], skipped: list[str], trainer, peak_flops: float
              f"- model: {c.n_layer}L/{c.n_head}H/{c.n_embd}C, vocab {c.vocab_size}, dropout {c.dropout}, "
              f"{trainer.model.num_params() / 1e6:.2f}M parameters; T={trainer.block_size}, B={trainer.batch_size} x "
              f"accumulation {trainer.accum} x ranks {trainer.world} = {trainer.tokens_per_iter} tokens/step; "
-             f"dtype {t.dtype}; grad_checkpoint {t.grad_checkpoint}",
+             f"dtype {t.dtype}; grad_checkpoint {t.grad_checkpoint}; CPU streams {trainer.streams} (ours and bare)",
              f"- MFU: {flops_per_token / 1e6:.2f} MFLOP/token (6N + attention) against {trainer.world} x one rank's peak = "
              + (f"{peak_flops / 1e12:.3f} TFLOP/s peak" + (" (measured fp32 sgemm)" if device.backend() == "cpu" else "")
                 if peak_flops else "an unknown peak"),

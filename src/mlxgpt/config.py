@@ -85,6 +85,7 @@ class TrainerConfig:
     resume: Optional[str] = None  # None | auto | <run dir or checkpoint dir>
     eval_only: bool = False
     on_nan: str = "stop"  # stop | skip
+    cpu_streams: int = 1  # CPU: each micro-batch in this many parts computed concurrently, one MLX stream each
 
 
 @dataclass
@@ -176,7 +177,7 @@ def validate(cfg: DictConfig) -> None:
     m, t, o, s, d = cfg.model, cfg.trainer, cfg.optimizer, cfg.schedule, cfg.data
     for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "trainer.max_iters",
                 "trainer.batch_size", "trainer.gradient_accumulation_steps", "trainer.eval_interval",
-                "trainer.eval_iters", "trainer.log_interval", "data.shard_tokens"):
+                "trainer.eval_iters", "trainer.log_interval", "trainer.cpu_streams", "data.shard_tokens"):
         value = OmegaConf.select(cfg, key)
         _check(value >= 1, key, value, "must be >= 1")
     _check(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"must be divisible by model.n_head={m.n_head}")
@@ -185,6 +186,8 @@ def validate(cfg: DictConfig) -> None:
     if t.block_size is not None:
         _check(1 <= t.block_size <= m.block_size, "trainer.block_size", t.block_size,
                f"must be in [1, model.block_size={m.block_size}]")
+    _check(t.batch_size % t.cpu_streams == 0, "trainer.cpu_streams", t.cpu_streams,
+           f"must divide trainer.batch_size={t.batch_size} (each stream computes an equal part of the batch)")
     _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
     _check(0 < o.lr < math.inf, "optimizer.lr", o.lr, "must be > 0 and finite")
     _check(t.seed >= 0, "trainer.seed", t.seed, "must be >= 0")

@@ -13,8 +13,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from mlxgpt import checkpoint
+from mlxgpt import blas, checkpoint
 from mlxgpt.callbacks.base import Callback
+from mlxgpt.device import on_cpu
 from mlxgpt.errors import UserError
 from mlxgpt.interrupt import Interrupted, StopSignals
 
@@ -43,6 +44,11 @@ class Trainer:
         self.rank, self.world = self.group.rank(), self.group.size()
         self.is_main = self.rank == 0
         self.tokens_per_iter = self.world * self.accum * self.batch_size * self.block_size
+        self.streams = t.cpu_streams if on_cpu() else 1
+        if on_cpu():
+            blas.share_threads(self.streams)
+        elif t.cpu_streams > 1 and self.is_main:
+            print(f"mlxgpt: trainer.cpu_streams={t.cpu_streams} applies on the CPU only; this run uses the GPU")
         self.iter, self.tokens_seen = 0, 0
         self.best_val_loss = math.inf
         self.log_loss_sum, self.log_steps = 0.0, 0  # the train losses since the last log (saved: resume logs the same)
@@ -88,13 +94,6 @@ class Trainer:
         state = [model.state, optimizer.state, mx.random.state]
         wrap = partial(mx.compile, inputs=state, outputs=state) if compiled else (lambda f: f)
 
-        def grads(x, y):
-            return loss_and_grad(x, y)
-
-        def accumulate(x, y, acc):
-            loss, g = loss_and_grad(x, y)
-            return loss, tree_map(mx.add, acc, g)
-
         def reduce(g):  # the mean over micro-steps and ranks, clipped; and its norm before clipping
             if self.accum > 1:
                 g = tree_map(lambda a: a / self.accum, g)
@@ -107,14 +106,36 @@ class Trainer:
         def update(g):
             optimizer.update(model, g)
 
-        def fused(x, y):
-            loss, g = loss_and_grad(x, y)
+        def reduce_and_update(g):
             g, norm = reduce(g)
             update(g)
-            return self._mean_over_ranks(loss), norm
+            return norm
 
-        self._grads, self._accumulate, self._reduce, self._update, self._fused = map(
-            wrap, (grads, accumulate, reduce, update, fused))
+        if self.streams > 1:  # the batch's parts run concurrently, each its own compiled function; then as below
+            grads = StreamSplit(loss_and_grad, self.streams, wrap)
+            add = mx.compile(partial(tree_map, mx.add)) if compiled else partial(tree_map, mx.add)
+            apply = wrap(reduce_and_update)
+
+            def accumulate(x, y, acc):
+                loss, g = grads(x, y)
+                return loss, add(acc, g)
+
+            def fused(x, y):
+                loss, g = grads(x, y)
+                return self._mean_over_ranks(loss), apply(g)
+
+            self._grads, self._accumulate, self._fused = grads, accumulate, fused
+        else:
+            def accumulate(x, y, acc):
+                loss, g = loss_and_grad(x, y)
+                return loss, tree_map(mx.add, acc, g)
+
+            def fused(x, y):
+                loss, g = loss_and_grad(x, y)
+                return self._mean_over_ranks(loss), reduce_and_update(g)
+
+            self._grads, self._accumulate, self._fused = map(wrap, (loss_and_grad, accumulate, fused))
+        self._reduce, self._update = wrap(reduce), wrap(update)
         self._eval_loss = mx.compile(loss, inputs=model.state) if compiled else loss
         # The fused step updates before the host can look at the gradients; `skip` needs to look first.
         self._use_fused = self.accum == 1 and t.on_nan == "stop"
@@ -242,6 +263,29 @@ class Trainer:
                     mx.eval(mx.distributed.all_sum(mx.array(0), group=self.group))
                 raise
         return self.summary
+
+
+class StreamSplit:
+    """Loss and gradients of a batch as the mean over n equal parts computed concurrently, each on its own CPU stream
+    (MLX runs each stream's kernels on a thread of its own): the element-wise work no longer waits on one core."""
+
+    def __init__(self, loss_and_grad, n: int, compile_part):
+        self.n = n
+        self.streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(n - 1)]
+        self.parts = [compile_part(partial(loss_and_grad)) for _ in range(n)]  # one trace per stream
+        self.mean = mx.compile(self._mean)
+
+    def _mean(self, losses: list, grads: list) -> tuple:
+        return sum(losses[1:], losses[0]) / self.n, tree_map(lambda *g: sum(g[1:], g[0]) / self.n, *grads)
+
+    def __call__(self, x: mx.array, y: mx.array) -> tuple[mx.array, Any]:
+        size = x.shape[0] // self.n
+        results = []
+        for i, (stream, part) in enumerate(zip(self.streams, self.parts)):
+            with mx.stream(stream):
+                results.append(part(x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]))
+        losses, grads = zip(*results)
+        return self.mean(list(losses), list(grads))
 
 
 def mixed_precision_loss(model: nn.Module, dtype: mx.Dtype):
