@@ -57,6 +57,29 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     shutil.rmtree(tmp_path / "data")
 
 
+def test_ranks_other_than_0_have_hydra_write_nothing():
+    """Rank 0 alone writes the run dir; for the others Hydra's .hydra/ and job log are switched off before it runs."""
+    import logging
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import configure_log
+
+    from mlxgpt.config import register_configs
+    from mlxgpt.rundir import write_nothing
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", TINY, return_hydra_config=True)
+    assert cfg.hydra.output_subdir == ".hydra" and "file" in cfg.hydra.job_logging.handlers  # Hydra's defaults
+    write_nothing(cfg)
+    root, before = logging.getLogger(), list(logging.getLogger().handlers)
+    try:
+        configure_log(cfg.hydra.job_logging)  # what Hydra does next with it
+        assert cfg.hydra.output_subdir is None and root.handlers == before  # no file handler was added
+    finally:
+        root.handlers = before
+
+
 def test_a_sweep_runs_as_submitit_jobs(tmp_path):
     """hydra/launcher=submitit_local: the code path of hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml) without
     a cluster: each sweep point is a submitted job in its own process."""

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback as HydraCallback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from mlxgpt import checkpoint
 from mlxgpt.cli import fail, user_message
@@ -103,6 +103,13 @@ def is_main_process() -> bool:
     return mx.distributed.init().rank() == 0  # the ranks of one distributed run share its directory
 
 
+def write_nothing(config: DictConfig) -> None:
+    """Hydra writes no `.hydra/` and no job log for this process (another rank of rank 0's distributed run)."""
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.output_subdir = None
+        config.hydra.job_logging = {"version": 1, "root": None, "disable_existing_loggers": False}  # Hydra: none
+
+
 class PreflightCheck(HydraCallback):
     """Validates the config, the run dir and the checkpoint to resume, and locks the run dir, all before Hydra
     writes `.hydra/` into it: a refused run changes nothing."""
@@ -120,6 +127,8 @@ class PreflightCheck(HydraCallback):
                     checkpoint.check_model(ckpt, state, config.model)
             if is_main_process():
                 lock_run_dir(run_dir)
+            else:
+                write_nothing(config)
         except Exception as e:  # Hydra turns a callback's exception into a warning and goes on: exit here
             message = user_message(e)  # also e.g. an interpolation that does not resolve
             if message is None:
