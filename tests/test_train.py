@@ -86,9 +86,11 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     assert from_hf["val/loss"] == pytest.approx(result["val/loss"], abs=1e-4)  # export -> import keeps the model
 
 
-def test_kill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
+@pytest.mark.parametrize("streams", [1, 2])
+def test_kill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, streams):
     common = [*TINY, "model.dropout=0.1", "trainer.max_iters=150", "trainer.eval_interval=10",
-              "trainer.gradient_accumulation_steps=2", f"paths.log_dir={tmp_path}/logs",
+              "trainer.gradient_accumulation_steps=2", f"trainer.cpu_streams={streams}",
+              f"paths.log_dir={tmp_path}/logs",
               "callbacks.sample.every_evals=1", "callbacks.sample.max_new_tokens=8"]
     run(["train.py", *common, "run_name=full"], tmp_path)
 
