@@ -1,4 +1,5 @@
-"""The training loop: one compiled step (model, optimizer and random state as inputs/outputs), callbacks at events."""
+"""The training loop: one compiled step (model, optimizer and random state as inputs/outputs; on a CPU optionally its
+batch in parts on concurrent streams), callbacks at events."""
 from __future__ import annotations
 
 import math
@@ -45,7 +46,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.tokens_per_iter = self.world * self.accum * self.batch_size * self.block_size
         self.streams = t.cpu_streams if on_cpu() else 1
-        if on_cpu():
+        if on_cpu():  # with 1 stream: OpenBLAS on all cores again, whatever an earlier trainer here had set
             blas.share_threads(self.streams)
         elif t.cpu_streams > 1 and self.is_main:
             print(f"mlxgpt: trainer.cpu_streams={t.cpu_streams} applies on the CPU only; this run uses the GPU")
