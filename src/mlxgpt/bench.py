@@ -190,13 +190,20 @@ class Rounds(Callback):
         mx.reset_peak_memory()
         self.last = time.perf_counter()
 
+    def needs_state(self, trainer, iteration: int) -> bool:
+        """At the end of a round: the other contenders then run with nothing of ours in flight."""
+        return self._ends_round(iteration, len(self.ours.step_s) + 1)
+
+    def _ends_round(self, iteration: int, timed: int) -> bool:
+        return iteration > self.warmup and not self.settling and timed % self.round_steps == 0
+
     def on_step_end(self, trainer, logs) -> None:
         elapsed = time.perf_counter() - self.last
         if trainer.iter == 1:
             self.ours.first_step_s = logs["dt_s"]  # the step alone: the other callbacks' on_train_start came before
         elif trainer.iter > self.warmup and not self.settling:
             self.ours.step_s.append(elapsed)
-            if len(self.ours.step_s) % self.round_steps == 0:
+            if self._ends_round(trainer.iter, len(self.ours.step_s)):
                 if self.ours.peak_memory_gb is None:
                     self.ours.peak_memory_gb = mx.get_peak_memory() / 1e9
                 for other in self.others:

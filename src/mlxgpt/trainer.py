@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -148,35 +148,55 @@ class Trainer:
     def _mean_over_ranks(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group) / self.world if self.world > 1 else x
 
-    def _micro_batch(self, k: int) -> tuple[mx.array, mx.array]:
-        """Micro-step k of this rank: its batch and dropout seed depend on (seed, iter, global micro-step) only, so
-        N ranks x A micro-steps draw what 1 rank x N*A micro-steps draws."""
+    def _micro_batch(self, k: int, iteration: int) -> tuple[mx.array, mx.array]:
+        """Micro-step k of this rank at `iteration`: its batch and dropout seed depend on (seed, iteration, global
+        micro-step) only, so N ranks x A micro-steps draw what 1 rank x N*A micro-steps draws."""
         micro = self.rank * self.accum + k
-        mx.random.seed(((self.seed * 1_000_003 + self.iter) * 1_000_003 + micro) % 2**63)
-        return self.batch("train", (self.seed, self.iter, micro))
+        mx.random.seed(((self.seed * 1_000_003 + iteration) * 1_000_003 + micro) % 2**63)
+        return self.batch("train", (self.seed, iteration, micro))
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer update over `accum` micro-batches per rank; each micro-step is evaluated (bounded memory)."""
+        """One optimizer update over `accum` micro-batches per rank (the loss and gradient norm), done before it returns."""
+        loss, norm, _ = self._finish(self._start(self.iter))
+        return loss, norm
+
+    def _start(self, iteration: int) -> StartedStep:
+        """Start the update of `iteration`. The fused step is only queued (its results are read by `_finish`); the
+        accumulating one runs here, each micro-step evaluated (bounded memory), and reads its norm before updating."""
+        started = time.perf_counter()
         if self._use_fused:
-            loss, norm = self._fused(*self._micro_batch(0))
-            mx.eval(loss, norm, self.model.state, self.optimizer.state)
-            return self._checked(loss.item(), norm.item())
-        loss, acc = self._grads(*self._micro_batch(0))
+            loss, norm = self._fused(*self._micro_batch(0, iteration))
+            lr = self.optimizer.learning_rate  # the schedule's value this update used
+            mx.async_eval(loss, norm, lr, self.model.state, self.optimizer.state)
+            return StartedStep(iteration, started, loss, norm, lr)
+        lr = self.lr(iteration)
+        loss, acc = self._grads(*self._micro_batch(0, iteration))
         total = loss
         mx.eval(total, acc)
         for k in range(1, self.accum):
-            loss, acc = self._accumulate(*self._micro_batch(k), acc)
+            loss, acc = self._accumulate(*self._micro_batch(k, iteration), acc)
             total = total + loss
             mx.eval(total, acc)
         mean_loss = self._mean_over_ranks(total).item() / self.accum
         if not math.isfinite(mean_loss):
-            return self._checked(mean_loss, math.nan)
+            return StartedStep(iteration, started, mean_loss, math.nan, lr)
         g, norm = self._reduce(acc)
         mx.eval(g, norm)
         if math.isfinite(norm.item()):  # a non-finite gradient never reaches the weights
             self._update(g)
             mx.eval(self.model.state, self.optimizer.state)
-        return self._checked(mean_loss, norm.item())
+        return StartedStep(iteration, started, mean_loss, norm.item(), lr)
+
+    def _finish(self, step: StartedStep) -> tuple[float, float, float]:
+        """Wait for a started update; its loss, gradient norm and learning rate (checked for non-finite values)."""
+        loss, norm, lr = (v.item() if isinstance(v, mx.array) else v for v in (step.loss, step.norm, step.lr))
+        return *self._checked(loss, norm), lr
+
+    def _may_start_ahead(self, done: int) -> bool:
+        """Whether update `done` may start before the callbacks of the one that ends with iter == `done` run: only
+        the fused step, and only where no callback looks at the state then (the same answer on every rank)."""
+        return (self._use_fused and done < self.max_iters and not self.should_stop
+                and not any(cb.needs_state(self, done) for cb in self.callbacks))
 
     def _checked(self, loss: float, norm: float) -> tuple[float, float]:
         if math.isfinite(loss) and math.isfinite(norm):
@@ -197,8 +217,8 @@ class Trainer:
         return NonFiniteLoss(f"{what} became non-finite at iteration {self.iter}; {kept}; try {', '.join(tries)}"
                              + (" and continue with trainer.resume=auto" if last else ""))
 
-    def lr(self) -> float:
-        return self.schedule(mx.array(self.iter)).item()
+    def lr(self, iteration: int) -> float:
+        return self.schedule(mx.array(iteration)).item()
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `eval_iters` fixed batches per split (the same batches at every evaluation, shared out
@@ -238,16 +258,22 @@ class Trainer:
         with StopSignals() as signals:  # SIGINT/SIGTERM: finish the step, then stop via Interrupted (callbacks save)
             try:
                 self.emit("on_train_start")
-                log_start = time.perf_counter()
-                while self.iter < self.max_iters and not self.should_stop:
-                    lr = self.lr()
-                    start = time.perf_counter()
-                    loss, norm = self.train_step()
+                log_start = last_done = time.perf_counter()
+                step, stop_signal = None, None
+                while step is not None or (self.iter < self.max_iters and not self.should_stop):
+                    step = step or self._start(self.iter)
+                    # The next update is queued before this one's results are read, so the device works on it
+                    # while the host runs the callbacks; not where a callback needs the state or a stop was asked.
+                    done = step.iteration + 1
+                    ahead = self._start(done) if not stop_signal and self._may_start_ahead(done) else None
+                    loss, norm, lr = self._finish(step)
+                    now = time.perf_counter()
+                    dt, last_done = now - max(step.started, last_done), now
                     self.iter += 1
                     self.tokens_seen += self.tokens_per_iter
                     self.log_loss_sum, self.log_steps = self.log_loss_sum + loss, self.log_steps + 1
                     step_logs = {"iter": self.iter, "tokens": self.tokens_seen, "train/loss": loss, "lr": lr,
-                                 "grad_norm": norm, "dt_s": time.perf_counter() - start}
+                                 "grad_norm": norm, "dt_s": dt}
                     if self.iter % t.log_interval == 0 or self.iter == self.max_iters:
                         logs = {**step_logs, "train/loss": self.log_loss_sum / self.log_steps,
                                 "dt_s": (time.perf_counter() - log_start) / self.log_steps}
@@ -255,8 +281,10 @@ class Trainer:
                         self.emit("on_log", logs)  # before on_step_end: a checkpoint it writes has this logged
                         self.summary.update(logs)
                     self.emit("on_step_end", step_logs)
-                    if signum := signals.requested(self.group):
-                        raise Interrupted(signum, self.iter)
+                    stop_signal = stop_signal or signals.requested(self.group)
+                    if stop_signal and ahead is None:
+                        raise Interrupted(stop_signal, self.iter)
+                    step = ahead
                 self.emit("on_train_end", dict(self.summary))
             except BaseException as exc:
                 self.emit("on_exception", exc)
@@ -264,6 +292,17 @@ class Trainer:
                     mx.eval(mx.distributed.all_sum(mx.array(0), group=self.group))
                 raise
         return self.summary
+
+
+@dataclass
+class StartedStep:
+    """An update begun by the trainer: its results, arrays still being computed (fused step) or numbers."""
+
+    iteration: int
+    started: float
+    loss: mx.array | float
+    norm: mx.array | float
+    lr: mx.array | float
 
 
 class StreamSplit:

@@ -9,6 +9,12 @@ class Callback:
 
     priority = 100
 
+    def needs_state(self, trainer, iteration: int) -> bool:
+        """Whether on_log/on_step_end at `iteration` read or change the model, the optimizer or should_stop (by
+        default: if this class overrides either). Where none does, the trainer queues the next update before them."""
+        cls = type(self)
+        return cls.on_step_end is not Callback.on_step_end or cls.on_log is not Callback.on_log
+
     def on_train_start(self, trainer) -> None: ...
 
     def on_step_end(self, trainer, logs: dict[str, Any]) -> None:

@@ -14,6 +14,9 @@ class EvaluationCallback(Callback):
         if self.at_start and not trainer.resumed and not trainer.cfg.trainer.eval_only:
             trainer.record_eval(trainer.evaluate())
 
+    def needs_state(self, trainer, iteration: int) -> bool:
+        return iteration % self.interval == 0 or iteration == trainer.max_iters
+
     def on_step_end(self, trainer, logs) -> None:
-        if trainer.iter % self.interval == 0 or trainer.iter == trainer.max_iters:
+        if self.needs_state(trainer, trainer.iter):
             trainer.record_eval(trainer.evaluate())

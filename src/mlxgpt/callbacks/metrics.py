@@ -14,6 +14,9 @@ class MetricsFileCallback(Callback):
         self.filename = filename
         self._file = None
 
+    def needs_state(self, trainer, iteration: int) -> bool:
+        return False  # its step events only log
+
     def on_train_start(self, trainer) -> None:
         if not trainer.is_main:
             return

@@ -13,6 +13,9 @@ class ProgressCallback(Callback):
         self.leave = leave
         self._bar = None
 
+    def needs_state(self, trainer, iteration: int) -> bool:
+        return False  # its step events only log
+
     def on_train_start(self, trainer) -> None:
         if trainer.is_main:
             self._bar = tqdm(total=trainer.max_iters, initial=trainer.iter, desc="train", unit="it",

@@ -14,6 +14,9 @@ class ThroughputCallback(Callback):
         self.peak_flops = None
         self.flops_per_iter = 0
 
+    def needs_state(self, trainer, iteration: int) -> bool:
+        return False  # its step events only log
+
     def on_train_start(self, trainer) -> None:
         peak = device.peak_flops(trainer.cfg.trainer.dtype)
         self.peak_flops = peak * trainer.world if peak else None  # every rank has its own device

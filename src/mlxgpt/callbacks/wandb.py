@@ -28,6 +28,9 @@ class WandbCallback(Callback):
         self._started = False
         self._sample_rows: list[list[Any]] = []
 
+    def needs_state(self, trainer, iteration: int) -> bool:
+        return False  # its step events only log
+
     # ------------------------------------------------------------------ events
     # The run starts at the first event that reaches this callback: the evaluation at iteration 0 comes before
     # this callback's on_train_start.

@@ -1,0 +1,80 @@
+"""The trainer queues update i+1 before the callbacks of step i run, except where a callback needs the state then:
+training, evaluations and checkpoints are exactly those of a loop that waits for every step."""
+import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
+
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from hydra import compose, initialize_config_dir
+from mlx.utils import tree_flatten
+
+from mlxgpt import checkpoint
+from mlxgpt.callbacks.base import Callback
+from mlxgpt.config import register_configs, validate
+from mlxgpt.task import build_trainer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+class WeightsSpy(Callback):
+    """Records the loss and a sum of the model's weights at every step end; `waits` says whether it needs the state
+    there (True: the trainer finishes each step first)."""
+
+    def __init__(self, waits: bool):
+        self.waits, self.losses, self.weights = waits, [], []
+
+    def needs_state(self, trainer, iteration: int) -> bool:
+        return self.waits
+
+    def on_step_end(self, trainer, logs) -> None:
+        self.losses.append(logs["train/loss"])
+        self.weights.append(sum(mx.sum(p).item() for _, p in tree_flatten(trainer.model.parameters())))
+
+
+def fit(run_dir: Path, spy: WeightsSpy, overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", ["model=nano", "model.n_embd=32", "trainer.batch_size=4", "trainer.block_size=16",
+                                 "trainer.max_iters=7", "trainer.eval_interval=3", "trainer.eval_iters=2",
+                                 "trainer.log_interval=2", "callbacks.sample.max_new_tokens=0", "logger=none",
+                                 *overrides])
+    validate(cfg)
+    run_dir.mkdir()
+    trainer = build_trainer(cfg, run_dir, extra_callbacks=(spy,))
+    summary = trainer.fit()
+    return trainer, summary
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_the_next_update_runs_during_the_callbacks_and_training_is_unchanged(tmp_path, monkeypatch, streams):
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    overrides = [f"trainer.cpu_streams={streams}"]
+    waiting, _ = fit(tmp_path / "waiting", waiting_spy := WeightsSpy(waits=True), overrides)
+    ahead, summary = fit(tmp_path / "ahead", ahead_spy := WeightsSpy(waits=False), overrides)
+
+    assert ahead_spy.losses == waiting_spy.losses and ahead_spy.losses[-1] < ahead_spy.losses[0]
+    timings = {"dt_s", "tok_per_s", "mfu", "memory_gb"}
+    assert {k: v for k, v in summary.items() if k not in timings} == {  # the same evaluations (3, 6, 7) and logs
+        k: v for k, v in waiting.summary.items() if k not in timings}
+    # At an evaluation (3, 6) and the last step (7) callbacks see their own step's weights; at every other step the
+    # next update has already been applied when a callback that said it does not need the state looks anyway.
+    expected = [waiting_spy.weights[i if i + 1 in (3, 6, 7) else i + 1] for i in range(7)]
+    assert ahead_spy.weights == expected and ahead_spy.weights != waiting_spy.weights
+    for run in ("waiting", "ahead"):  # the checkpoints, written after evaluations, hold the same weights
+        ckpt = checkpoint.latest(tmp_path / run / "checkpoints")
+        assert checkpoint.read_state(ckpt)["iter"] == 7
+    weights = [checkpoint.load_arrays(checkpoint.latest(tmp_path / r / "checkpoints"), "model.safetensors")
+               for r in ("waiting", "ahead")]
+    assert all(mx.array_equal(weights[0][k], weights[1][k]).item() for k in weights[0])
+
+
+def test_a_callback_that_does_not_declare_gets_every_step_finished_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+
+    class Legacy(WeightsSpy):  # overrides on_step_end, not needs_state: the safe default
+        needs_state = Callback.needs_state
+
+    _, _ = fit(tmp_path / "legacy", legacy := Legacy(waits=False), [])
+    _, _ = fit(tmp_path / "waiting", waiting := WeightsSpy(waits=True), [])
+    assert legacy.weights == waiting.weights
