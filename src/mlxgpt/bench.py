@@ -175,44 +175,44 @@ class NanoGPTStep:
 
 
 class Rounds(Callback):
-    """Times iterations of the real training loop, from one on_step_end to the next: the step, the loop's bookkeeping
-    and all other callbacks (they run after this one). After the warm-up, turns: `round_steps` timed iterations of
-    ours, then each other contender's. Each turn starts with one untimed step: a step right after another framework's
-    runs slower (caches, the other's threads winding down)."""
+    """Times stretches of `round_steps` iterations of the real training loop (the steps, the loop's bookkeeping and
+    all other callbacks), each step counted as the stretch's mean: the loop queues an update before the callbacks of
+    the one before it, so single intervals are not single steps. After the warm-up, turns: a stretch of ours, then
+    `round_steps` timed steps of each other contender. Each turn starts with one untimed step: a step right after
+    another framework's runs slower (caches, the other's threads winding down)."""
 
-    priority = -1  # first: the evaluation at the last iteration falls outside the timed intervals
+    priority = -1  # first: the evaluation at the last iteration falls outside the timed stretches
 
     def __init__(self, warmup: int, round_steps: int, others: list, ours: Result):
         self.warmup, self.round_steps, self.others, self.ours = warmup, round_steps, others, ours
-        self.last, self.settling = 0.0, False
+        self.start, self.steps, self.settling = 0.0, 0, False
 
     def on_train_start(self, trainer) -> None:
         mx.reset_peak_memory()
-        self.last = time.perf_counter()
 
     def needs_state(self, trainer, iteration: int) -> bool:
-        """At the end of a round: the other contenders then run with nothing of ours in flight."""
-        return self._ends_round(iteration, len(self.ours.step_s) + 1)
-
-    def _ends_round(self, iteration: int, timed: int) -> bool:
-        return iteration > self.warmup and not self.settling and timed % self.round_steps == 0
+        """Where a stretch starts or ends nothing of ours is queued ahead, so that a stretch holds the compute of
+        exactly its own steps (and the others never run beside ours)."""
+        return iteration <= self.warmup or self.settling or self.steps + 1 == self.round_steps
 
     def on_step_end(self, trainer, logs) -> None:
-        elapsed = time.perf_counter() - self.last
         if trainer.iter == 1:
             self.ours.first_step_s = logs["dt_s"]  # the step alone: the other callbacks' on_train_start came before
-        elif trainer.iter > self.warmup and not self.settling:
-            self.ours.step_s.append(elapsed)
-            if self._ends_round(trainer.iter, len(self.ours.step_s)):
-                if self.ours.peak_memory_gb is None:
-                    self.ours.peak_memory_gb = mx.get_peak_memory() / 1e9
-                for other in self.others:
-                    take_turn(other, self.round_steps)
-                self.settling = bool(self.others)
-                self.last = time.perf_counter()
-                return
-        self.settling = False
-        self.last = time.perf_counter()
+        if trainer.iter <= self.warmup or self.settling:
+            self.settling = False
+            self.start = time.perf_counter()
+            return
+        self.steps += 1
+        if self.steps < self.round_steps and trainer.iter < trainer.max_iters:
+            return
+        n, self.steps = self.steps, 0
+        self.ours.step_s += [(time.perf_counter() - self.start) / n] * n
+        if self.ours.peak_memory_gb is None:
+            self.ours.peak_memory_gb = mx.get_peak_memory() / 1e9
+        for other in self.others:
+            take_turn(other, n)
+        self.settling = bool(self.others)
+        self.start = time.perf_counter()
 
 
 def take_turn(contender, steps: int) -> None:

@@ -1,5 +1,5 @@
 """The training loop: one compiled step (model, optimizer and random state as inputs/outputs; on a CPU optionally its
-batch in parts on concurrent streams), callbacks at events."""
+batch in parts on concurrent streams), queued one update ahead of the callbacks where they allow it."""
 from __future__ import annotations
 
 import math
