@@ -156,7 +156,7 @@ class Trainer:
         return self.batch("train", (self.seed, iteration, micro))
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer update over `accum` micro-batches per rank (the loss and gradient norm), done before it returns."""
+        """One optimizer update over `accum` micro-batches per rank, finished: its loss and gradient norm."""
         loss, norm, _ = self._finish(self._start(self.iter))
         return loss, norm
 
