@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
                         "baby: nanoGPT shakespeare_char; gpt2: GPT-2 124M (default: cpu)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per contender (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, compile included (default 3)")
-    parser.add_argument("--round", type=int, default=5, dest="round_steps", help="timed steps per turn (default 5)")
+    parser.add_argument("--round", type=int, default=10, dest="round_steps", help="timed steps per turn (default 10)")
     parser.add_argument("--contenders", default="ours,bare,nanogpt", help="comma-separated subset of ours,bare,nanogpt")
     parser.add_argument("--nanogpt", help="a nanoGPT checkout (default: $NANOGPT_DIR); without it nanoGPT is skipped")
     parser.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
