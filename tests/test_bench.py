@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxgpt.bench import main, table_name
+from mlxgpt.bench import compose, main, run, table_name
 from mlxgpt.errors import UserError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -38,3 +38,14 @@ def test_table_names_keep_tables_of_other_settings_apart():
 def test_bench_rejects_a_missing_nanogpt_checkout(tmp_path):
     with pytest.raises(UserError, match="nanoGPT"):
         main(["--nanogpt", str(tmp_path / "nowhere"), "--out", str(tmp_path), *TINY], conf_dir=CONF)
+
+
+def test_ours_is_timed_by_stretches_and_each_contender_gets_as_many_steps(tmp_path, monkeypatch):
+    """The queued loop's single step intervals are uneven, so each step of ours counts as its stretch's mean; the
+    last stretch may be shorter, and the other contenders' turns match every stretch."""
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    cfg = compose(CONF, TINY + ["logger=none", "callbacks.sample.max_new_tokens=0"])
+    (ours, bare), skipped, trainer = run(cfg, ["ours", "bare"], steps=5, warmup=1, round_steps=2, nanogpt=None)
+    assert not skipped and trainer.iter == 1 + 5 + 2  # warm-up, timed steps, an untimed step before each later turn
+    a, b, c = ours.step_s[0], ours.step_s[2], ours.step_s[4]
+    assert ours.step_s == [a, a, b, b, c] and len({a, b, c}) == 3 and len(bare.step_s) == 5
