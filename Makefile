@@ -1,7 +1,7 @@
 # mlxgpt — common tasks. `make install` then `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-# the Linux MLX backend: cpu, or cuda for NVIDIA (`make install EXTRAS=cuda`); ignored on macOS
+# the Linux MLX backend: cpu, or cuda / cuda13 for NVIDIA (`make install EXTRAS=cuda`); ignored on macOS
 EXTRAS ?= cpu
 BIN := $(VENV)/bin
 PY := $(BIN)/python
