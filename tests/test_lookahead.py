@@ -6,12 +6,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from hydra import compose, initialize_config_dir
 from mlx.utils import tree_flatten
 
 from mlxgpt import checkpoint
+from mlxgpt.bench import compose
 from mlxgpt.callbacks.base import Callback
-from mlxgpt.config import register_configs, validate
 from mlxgpt.task import build_trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -33,13 +32,9 @@ class WeightsSpy(Callback):
 
 
 def fit(run_dir: Path, spy: WeightsSpy, overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", ["model=nano", "model.n_embd=32", "trainer.batch_size=4", "trainer.block_size=16",
-                                 "trainer.max_iters=7", "trainer.eval_interval=3", "trainer.eval_iters=2",
-                                 "trainer.log_interval=2", "callbacks.sample.max_new_tokens=0", "logger=none",
-                                 *overrides])
-    validate(cfg)
+    cfg = compose(CONF, ["model=nano", "model.n_embd=32", "trainer.batch_size=4", "trainer.block_size=16",
+                         "trainer.max_iters=7", "trainer.eval_interval=3", "trainer.eval_iters=2",
+                         "trainer.log_interval=2", "callbacks.sample.max_new_tokens=0", "logger=none", *overrides])
     run_dir.mkdir()
     trainer = build_trainer(cfg, run_dir, extra_callbacks=(spy,))
     summary = trainer.fit()
@@ -75,6 +70,6 @@ def test_a_callback_that_does_not_declare_gets_every_step_finished_first(tmp_pat
     class Legacy(WeightsSpy):  # overrides on_step_end, not needs_state: the safe default
         needs_state = Callback.needs_state
 
-    _, _ = fit(tmp_path / "legacy", legacy := Legacy(waits=False), [])
-    _, _ = fit(tmp_path / "waiting", waiting := WeightsSpy(waits=True), [])
+    fit(tmp_path / "legacy", legacy := Legacy(waits=False), [])
+    fit(tmp_path / "waiting", waiting := WeightsSpy(waits=True), [])
     assert legacy.weights == waiting.weights
