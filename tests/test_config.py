@@ -62,6 +62,8 @@ def test_gpt2_small_openwebtext_composes():
     ("trainer.device=tpu", "trainer.device"),
     ("trainer.seed=-1", "trainer.seed"),
     ("optimizer.lr=inf", "optimizer.lr"),
+    ("data.chars=abca", "data.chars"),
+    ("data.chars=", "data.chars"),
 ])
 def test_out_of_range_values_raise_one_line_user_error(override, needle):
     with pytest.raises(UserError) as err:

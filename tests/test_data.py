@@ -94,6 +94,18 @@ def test_key_follows_content_and_split_rule(tmp_path):
     assert prepare(data_cfg(tmp_path, name="t", source="text", path=str(b))) != first
 
 
+def test_fixed_char_vocabulary_keeps_ids_and_refuses_characters_outside(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("abba cab\n" * 50)
+    data = load_data(data_cfg(tmp_path, name="t", source="text", path=str(text), chars="\n abcdxyz"))
+    assert data.tokenizer.chars == "\n abcdxyz" and data.tokenizer.vocab_size == 9
+    assert stream(data, "train")[:4].tolist() == [2, 3, 3, 2]  # ids are positions in data.chars, not in the text's set
+    own = prepare(data_cfg(tmp_path, name="t", source="text", path=str(text)))
+    assert own != data.directory  # the vocabulary is part of the key
+    with pytest.raises(UserError, match=r"2 characters outside the fixed 4-character vocabulary.*'\\n '"):
+        prepare(data_cfg(tmp_path, name="t", source="text", path=str(text), chars="abcd"))
+
+
 def test_text_directory_and_glob(tmp_path):
     root = tmp_path / "books"
     (root / "sub").mkdir(parents=True)

@@ -363,7 +363,7 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "empty data file": (run("b2", "data=text", f"data.path={work}/empty.txt"), "empty", None),
         "characters outside the char vocab": (
             run("b3", "data=text", f"data.path={work}/accents.txt", f"init_from={base}"),
-            "characters outside the checkpoint's", base),
+            "characters outside the fixed", base),
         "block_size above the model's": (run("b4", "trainer.block_size=64"), "trainer.block_size", None),
         "n_embd not divisible by n_head": (run("b5", "model.n_head=3"), "model.n_embd", None),
         "eval_iters 0": (run("b6", "trainer.eval_iters=0"), "trainer.eval_iters", None),

@@ -1,5 +1,6 @@
 """End to end: train.py and sample.py in subprocesses on tiny models (real Hydra, real data, real checkpoints)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -84,6 +85,19 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     assert result["val/loss"] == pytest.approx(evals[-1]["val/loss"], abs=0.1)
     from_hf = json.loads((tmp_path / "logs/runs/hf/result.json").read_text())
     assert from_hf["val/loss"] == pytest.approx(result["val/loss"], abs=1e-4)  # export -> import keeps the model
+
+    # fine-tune on a text with some of the checkpoint's characters: tokenized with the checkpoint's vocabulary
+    (tmp_path / "code.txt").write_text("def add(a, b):\n    return a + b\n\n" * 300)
+    ft = run(["train.py", *TINY, f"init_from={run_dir}", "data=text", f"data.path={tmp_path}/code.txt",
+              "trainer.max_iters=10", "trainer.eval_interval=10", f"paths.log_dir={tmp_path}/logs", "run_name=ft"],
+             tmp_path)
+    assert "character vocabulary of" in ft.stdout
+    vocabulary = json.loads((run_dir / "checkpoints/last/state.json").read_text())["tokenizer"]
+    ft_dir = tmp_path / "logs/runs/ft"
+    assert json.loads((ft_dir / "checkpoints/last/state.json").read_text())["tokenizer"] == vocabulary
+    assert records(ft_dir, "eval")[0]["val/loss"] < math.log(len(vocabulary["chars"])) - 0.5  # ids kept their meaning
+    out = run(["sample.py", f"checkpoint={ft_dir}", "prompt=def", "num_samples=1", "max_new_tokens=10"], tmp_path)
+    assert "\ndef" in out.stdout
 
 
 @pytest.mark.parametrize("streams", [1, 2])

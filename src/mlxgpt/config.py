@@ -28,6 +28,7 @@ class DataConfig:
     name: str = "pydoc"
     source: str = "pydoc"  # pydoc | url | text | hf
     tokenizer: str = "char"  # char | gpt2
+    chars: Optional[str] = None  # char tokenizer: a fixed vocabulary (None: the corpus' own; init_from a char run sets it)
     path: Optional[str] = None  # local file/dir/glob, local copy of the url file, or a saved HF dataset dir
     url: Optional[str] = None
     sha256: Optional[str] = None
@@ -202,6 +203,10 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     _check(0 < d.val_size < 1, "data.val_size", d.val_size, "must be in (0, 1)")
     _check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", d.num_proc, "must be >= 1 or null")
+    if d.chars is not None:
+        _check(d.tokenizer == "char", "data.chars", repr(d.chars), "applies to data.tokenizer=char only; set it to null")
+        _check(len(d.chars) >= 1 and len(set(d.chars)) == len(d.chars), "data.chars", repr(d.chars),
+               "must be distinct characters")
     if d.source in ("text",) and not d.path:
         raise UserError("data.source=text needs data.path=<file, directory or glob of text files>")
     if d.source == "hf" and not (d.hf_path or d.path):

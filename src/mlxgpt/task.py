@@ -91,6 +91,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = Non
     if dev == mx.cpu and t.dtype != "float32":
         print(f"mlxgpt: trainer.dtype={t.dtype} is slow on the CPU (no BLAS for half precision): training in float32")
         t.dtype = "float32"  # the run records what it computes in
+    _use_init_char_vocabulary(cfg)
     print(OmegaConf.to_yaml(cfg, resolve=True))
 
     data = load_data(cfg.data)
@@ -131,6 +132,18 @@ def _build_model(cfg: DictConfig, tokenizer) -> GPT:
         load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
         print(f"mlxgpt: initialised from {ckpt}")
     return model
+
+
+def _use_init_char_vocabulary(cfg: DictConfig) -> None:
+    """Fine-tuning a char-level checkpoint: tokenize the data with its characters (data.chars), so ids keep meaning."""
+    if (not cfg.init_from or cfg.init_from in PRETRAINED or _is_hf_dir(cfg.init_from) or cfg.data.tokenizer != "char"
+            or cfg.data.chars is not None):
+        return
+    ckpt = checkpoint.resolve(cfg.init_from, which="best")
+    saved = checkpoint.read_state(ckpt).get("tokenizer") or {}
+    if saved.get("name") == "char":
+        cfg.data.chars = saved["chars"]
+        print(f"mlxgpt: tokenizing the data with the {len(saved['chars'])}-character vocabulary of {ckpt}")
 
 
 def _is_hf_dir(path: str | None) -> bool:

@@ -84,9 +84,11 @@ class GPT2Tokenizer:
 Tokenizer = CharTokenizer | GPT2Tokenizer
 
 
-def get_tokenizer(name: str, text: str | None = None) -> Tokenizer:
-    """The tokenizer called `name`; the char tokenizer builds its vocabulary from `text`."""
+def get_tokenizer(name: str, text: str | None = None, chars: str | None = None) -> Tokenizer:
+    """The tokenizer called `name`; the char tokenizer takes `chars` as its vocabulary, or builds it from `text`."""
     if name == "char":
+        if chars:
+            return CharTokenizer(chars)
         if not text:
             raise UserError("the char tokenizer needs the corpus text to build its vocabulary; pass text=")
         return CharTokenizer.from_text(text)

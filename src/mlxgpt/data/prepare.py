@@ -62,7 +62,8 @@ def _source_and_spec(cfg) -> tuple[str | None, dict]:
     else:
         text, sha256 = read_text(cfg)
         source, split = {"source": cfg.source, "sha256": sha256}, {"val_fraction": cfg.val_fraction}
-    return text, {"format": FORMAT, "source": source, "split": split, "tokenizer": cfg.tokenizer}
+    tokenizer = cfg.tokenizer if cfg.chars is None else {"name": cfg.tokenizer, "chars": cfg.chars}
+    return text, {"format": FORMAT, "source": source, "split": split, "tokenizer": tokenizer}
 
 
 class ShardWriter:
@@ -124,8 +125,10 @@ class ShardWriter:
 
 def _tokenize_text(cfg, directory: Path, text: str):
     """A single text: the first 1 - val_fraction of its characters are train, the rest val (as nanoGPT)."""
-    tokenizer = get_tokenizer(cfg.tokenizer, text)
+    tokenizer = get_tokenizer(cfg.tokenizer, text, cfg.chars)
     _check_uint16(tokenizer)
+    if cfg.tokenizer == "char":
+        _check_chars(text, tokenizer.chars)
     cut = int(len(text) * (1 - cfg.val_fraction))
     splits = {}
     for split, part in zip(SPLITS, (text[:cut], text[cut:])):
@@ -277,6 +280,15 @@ def _is_prepared(directory: Path) -> bool:
     except UserError:
         return False
     return True
+
+
+def _check_chars(text: str, chars: str) -> None:
+    """UserError naming the text's characters outside a fixed char vocabulary (data.chars)."""
+    outside = sorted(set(text) - set(chars))
+    if outside:
+        raise UserError(f"the text has {len(outside)} characters outside the fixed {len(chars)}-character vocabulary "
+                        f"(data.chars, the checkpoint's when fine-tuning) ({''.join(outside[:10])!r}); remove them "
+                        "from the text, or train a new model on it")
 
 
 def _check_uint16(tokenizer) -> None:
