@@ -2,6 +2,8 @@
 training, evaluations and checkpoints are exactly those of a loop that waits for every step."""
 import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
 
+import statistics
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,7 +33,7 @@ class WeightsSpy(Callback):
         self.weights.append(sum(mx.sum(p).item() for _, p in tree_flatten(trainer.model.parameters())))
 
 
-def fit(run_dir: Path, spy: WeightsSpy, overrides: list[str]):
+def fit(run_dir: Path, spy: Callback, overrides: list[str]):
     cfg = compose(CONF, ["model=nano", "model.n_embd=32", "trainer.batch_size=4", "trainer.block_size=16",
                          "trainer.max_iters=7", "trainer.eval_interval=3", "trainer.eval_iters=2",
                          "trainer.log_interval=2", "callbacks.sample.max_new_tokens=0", "logger=none", *overrides])
@@ -73,3 +75,33 @@ def test_a_callback_that_does_not_declare_gets_every_step_finished_first(tmp_pat
     fit(tmp_path / "legacy", legacy := Legacy(waits=False), [])
     fit(tmp_path / "waiting", waiting := WeightsSpy(waits=True), [])
     assert legacy.weights == waiting.weights
+
+
+class SlowEvery(Callback):
+    """Sleeps `seconds` at every `every`-th step end, where it needs the state (so nothing is queued meanwhile);
+    records each log's seconds per update."""
+
+    def __init__(self, every: int, seconds: float):
+        self.every, self.seconds, self.dt = every, seconds, []
+
+    def needs_state(self, trainer, iteration: int) -> bool:
+        return iteration % self.every == 0
+
+    def on_log(self, trainer, logs) -> None:
+        self.dt.append(logs["dt_s"])
+
+    def on_step_end(self, trainer, logs) -> None:
+        if logs["iter"] % self.every == 0:
+            time.sleep(self.seconds)
+
+
+def test_logged_step_time_leaves_out_callbacks_run_with_the_device_idle(tmp_path, monkeypatch):
+    """Seconds per update (so tokens/s and MFU) count training only, each update once: evaluation-like pauses are
+    left out, and the update before a pause (queued while the one before it ended) is not logged as nearly free."""
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    fit(tmp_path / "run", slow := SlowEvery(every=4, seconds=0.5), [
+        "trainer.max_iters=24", "trainer.log_interval=1", "trainer.eval_interval=100",
+        "model.n_layer=4", "model.n_embd=64", "trainer.batch_size=8", "trainer.block_size=64"])
+    typical = statistics.median(slow.dt)
+    assert max(slow.dt) < 0.25  # the 0.5 s pauses are not training time
+    assert min(slow.dt) > typical / 3, slow.dt

@@ -258,14 +258,14 @@ class Trainer:
         with StopSignals() as signals:  # SIGINT/SIGTERM: finish the step, then stop via Interrupted (callbacks save)
             try:
                 self.emit("on_train_start")
-                log_start = last_done = time.perf_counter()
+                clock, last_done = TrainingClock(), time.perf_counter()
                 step, stop_signal = None, None
                 while step is not None or (self.iter < self.max_iters and not self.should_stop):
-                    step = step or self._start(self.iter)
+                    step = step or clock.started(self._start(self.iter))
                     # The next update is queued before this one's results are read, so the device works on it
                     # while the host runs the callbacks; not where a callback needs the state or a stop was asked.
                     done = step.iteration + 1
-                    ahead = self._start(done) if not stop_signal and self._may_start_ahead(done) else None
+                    ahead = clock.started(self._start(done)) if not stop_signal and self._may_start_ahead(done) else None
                     loss, norm, lr = self._finish(step)
                     now = time.perf_counter()
                     dt, last_done = now - max(step.started, last_done), now
@@ -274,13 +274,15 @@ class Trainer:
                     self.log_loss_sum, self.log_steps = self.log_loss_sum + loss, self.log_steps + 1
                     step_logs = {"iter": self.iter, "tokens": self.tokens_seen, "train/loss": loss, "lr": lr,
                                  "grad_norm": norm, "dt_s": dt}
+                    callbacks_start = time.perf_counter()
                     if self.iter % t.log_interval == 0 or self.iter == self.max_iters:
-                        logs = {**step_logs, "train/loss": self.log_loss_sum / self.log_steps,
-                                "dt_s": (time.perf_counter() - log_start) / self.log_steps}
-                        self.log_loss_sum, self.log_steps, log_start = 0.0, 0, time.perf_counter()
+                        logs = {**step_logs, "train/loss": self.log_loss_sum / self.log_steps, "dt_s": clock.per_step()}
+                        self.log_loss_sum, self.log_steps = 0.0, 0
                         self.emit("on_log", logs)  # before on_step_end: a checkpoint it writes has this logged
                         self.summary.update(logs)
                     self.emit("on_step_end", step_logs)
+                    if ahead is None:  # the device was idle meanwhile (evaluation, checkpoints): not training time
+                        clock.idle += time.perf_counter() - callbacks_start
                     stop_signal = stop_signal or signals.requested(self.group)
                     if stop_signal and ahead is None:
                         raise Interrupted(stop_signal, self.iter)
@@ -292,6 +294,31 @@ class Trainer:
                     mx.eval(mx.distributed.all_sum(mx.array(0), group=self.group))
                 raise
         return self.summary
+
+
+class TrainingClock:
+    """Seconds per update over a log window: its wall time, less callbacks run with nothing queued (evaluation,
+    checkpoints), over the updates started in it (a queued update's time is spent where it starts: MLX runs only a
+    bounded number of kernels ahead, so queuing the next update waits for most of it)."""
+
+    def __init__(self):
+        self.since, self.idle, self.starts, self.carried, self.last = time.perf_counter(), 0.0, 0, 0.0, None
+
+    def started(self, step: StartedStep) -> StartedStep:
+        self.starts += 1
+        return step
+
+    def per_step(self) -> float:
+        """This window's seconds per update; a window that started none (only after the first) carries its time into
+        the next and repeats the last figure."""
+        now = time.perf_counter()
+        elapsed = now - self.since - self.idle + self.carried
+        if self.starts:
+            self.last, self.carried = elapsed / self.starts, 0.0
+        else:
+            self.carried = elapsed
+        self.since, self.idle, self.starts = now, 0.0, 0
+        return self.last
 
 
 @dataclass
