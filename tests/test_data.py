@@ -119,6 +119,17 @@ def test_text_directory_and_glob(tmp_path):
     assert top.tokenizer.decode(np.concatenate([stream(top, "train"), stream(top, "val")])) == "alpha\nbeta\n"
 
 
+def test_text_directory_and_glob_skip_hidden_folders(tmp_path):
+    root = tmp_path / ".local" / "repo"  # hidden above the given directory: still read
+    (root / ".git" / "objects").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha\n")
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / ".git" / "objects" / "x.txt").write_text("never\n")
+    for path in (root, root / "**", root / "**" / "*.txt"):
+        data = TokenData(prepare(data_cfg(tmp_path, name="repo", source="text", path=str(path), val_fraction=0.5)))
+        assert data.tokenizer.decode(np.concatenate([stream(data, "train"), stream(data, "val")])) == "alpha\n", path
+
+
 def test_missing_empty_and_binary_text_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="matches no file"):
         prepare(data_cfg(tmp_path, source="text", path=str(tmp_path / "nope.txt")))

@@ -164,10 +164,11 @@ def _flatten(data_files) -> list[str]:
 
 
 def _expand(pattern: str) -> list[Path]:
-    """The files named by a path, a directory (its non-hidden files, recursively) or a glob pattern."""
+    """The files named by a path, a directory or a glob, without hidden files or folders (.git/) below it."""
     path = Path(pattern).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        return [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        return [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    # glob's * and ** skip dot names already; only a pattern part that starts with a dot (.git/*) reaches them
     return [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
