@@ -156,13 +156,20 @@ def test_url_download_verifies_checksum_and_renames_atomically(tmp_path):
     assert [p.read_bytes() for p in downloads.iterdir()] == [remote.read_bytes()]
     assert next(downloads.iterdir()).name.endswith("-input.txt")
     assert data.meta["source"] == {"source": "url", "sha256": good}
+    with pytest.raises(UserError, match="the downloaded copy .*-input.txt has sha256 .*; delete it to download it again"):
+        prepare(data_cfg(tmp_path, source="url", url=remote.as_uri(), sha256="11" * 32))
 
 
 def test_local_copy_with_wrong_checksum_is_a_user_error(tmp_path):
     copy = tmp_path / "input.txt"
     copy.write_text("not shakespeare\n")
-    with pytest.raises(UserError, match=f"expected data.sha256={SHAKESPEARE_SHA256}"):
-        prepare(data_cfg(tmp_path, source="url", path=str(copy), sha256=SHAKESPEARE_SHA256))
+    with pytest.raises(UserError, match=f"expected data.sha256={SHAKESPEARE_SHA256}") as error:
+        prepare(data_cfg(tmp_path, name="shakespeare_char", source="url", path=str(copy), sha256=SHAKESPEARE_SHA256))
+    message = str(error.value)
+    assert f"data.path={copy} is not the shakespeare_char file" in message and "\n" not in message
+    assert f"data=text data.path={copy}" in message and "data.sha256=null" in message and "delete" not in message
+    data = load_data(data_cfg(tmp_path, name="shakespeare_char", source="url", path=str(copy), sha256=None))  # the skip it names
+    assert data.tokenizer.decode(np.concatenate([stream(data, "train"), stream(data, "val")])) == "not shakespeare\n"
     with pytest.raises(UserError, match="does not exist"):
         prepare(data_cfg(tmp_path, source="url", path=str(tmp_path / "missing.txt")))
 

@@ -54,7 +54,10 @@ def url_file(cfg) -> tuple[Path, str]:
         raise UserError("data.source=url needs data.url (or data.path to a local copy)")
     sha256 = _sha256(path)
     if cfg.sha256 and sha256 != cfg.sha256.lower():
-        raise UserError(f"{path} has sha256 {sha256}, expected data.sha256={cfg.sha256}; delete the file to download it again, or fix data.sha256")
+        if cfg.path:  # the user's own file: never advise deleting it
+            raise UserError(f"data.path={cfg.path} is not the {cfg.name} file (sha256 {sha256}, expected data.sha256={cfg.sha256}); "
+                            f"for other text use data=text data.path={cfg.path}, or data.sha256=null to skip the check")
+        raise UserError(f"the downloaded copy {path} has sha256 {sha256}, expected data.sha256={cfg.sha256}; delete it to download it again, or fix data.sha256")
     return path, sha256
 
 
