@@ -34,8 +34,9 @@ bench:  ## training speed: ours vs a bare compiled MLX step vs nanoGPT (NANOGPT_
 bench-blas:  ## reference BLAS vs OpenBLAS matmul, side by side
 	$(PY) -m mlxgpt.setup_blas --bench
 
-clean:
-	rm -rf logs .pytest_cache
+clean:  ## build and test leftovers (caches, __pycache__, egg-info, build/, dist/); never logs/ (runs, checkpoints) or data/
+	rm -rf .pytest_cache .hypothesis build dist *.egg-info src/*.egg-info
+	find . \( -path ./$(VENV) -o -path ./.git -o -path ./logs -o -path ./data \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 bench-sample:  ## greedy sampling speed with and without the KV cache (tokens must match)
 	$(PY) -m mlxgpt.bench_sample $(ARGS)
