@@ -25,7 +25,7 @@ test-fast:  ## unit tests only (no end-to-end subprocess runs)
 train:  ## the default job: embedded dataset, small model, offline
 	$(PY) train.py $(ARGS)
 
-sample:  ## e.g. make sample ARGS='checkpoint=logs/runs/<run> prompt="def "'
+sample:  ## e.g. make sample ARGS="checkpoint=logs/runs/<run> 'prompt=\"def \"'" (quoted so the space survives)
 	$(PY) sample.py $(ARGS)
 
 bench:  ## training speed: ours vs a bare compiled MLX step vs nanoGPT (NANOGPT_DIR=<checkout>, torch installed)
