@@ -11,12 +11,14 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    from mlxgpt.config import validate_sample
     from mlxgpt.errors import UserError
     from mlxgpt.pretrained import export_hf
     from mlxgpt.sampling import load_model
 
     if cfg.format != "hf":
         raise UserError(f"invalid format={cfg.format}: the supported format is hf")
+    validate_sample(cfg, "export.py")
     model, _, state = load_model(cfg.checkpoint, cfg.which)
     out = export_hf(model, cfg.out, overwrite=cfg.overwrite)
     print(f"exported iteration {state['iter']} of {cfg.checkpoint} to {out} (Hugging Face GPT-2 format)")

@@ -83,9 +83,10 @@ def losses(path: Path) -> list[tuple]:
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
-    """Every file under path (symlinks as their targets): to prove that nothing was written."""
+    """Every file under path (symlinks as their targets) but the lock file (it names its latest holder): to prove
+    that nothing was written."""
     return {str(p.relative_to(path)): os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
-            for p in sorted(path.rglob("*")) if p.is_symlink() or p.is_file()}
+            for p in sorted(path.rglob("*")) if (p.is_symlink() or p.is_file()) and p.name != ".lock"}
 
 
 def copy_run(work: Path, source: Path, name: str) -> Path:
@@ -353,6 +354,9 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
     (work / "foreign").mkdir()
     (work / "foreign" / "state.json").write_text('{"iter": 3}')
     other_size = copy_run(work, base, "other_size")
+    failed_retry = copy_run(work, base, "failed_retry")
+    forked = copy_run(work, base, "forked")
+    evaluated, evaluated2 = copy_run(work, base, "evaluated"), copy_run(work, base, "evaluated2")
     sample = [sys.executable, str(ROOT / "sample.py"), "max_new_tokens=5"]
 
     def run(name: str, *extra: str) -> list[str]:
@@ -378,9 +382,27 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "init_from: truncated": (run("b11", f"init_from={truncated}/checkpoints/last"),
                                  "corrupt or truncated", truncated),
         "init_from: other model size": (run("b12", f"init_from={base}", "model.n_embd=64"),
-                                        "do not fit this model", base),
+                                        "is for a different model", base),
         "init_from: not a checkpoint": (run("b13", f"init_from={work}/not_a_checkpoint"),
                                         "no checkpoint found", None),
+        "resume: a failed attempt keeps the run's records": (
+            run("failed_retry", "trainer.resume=auto", "data=text", "data.path=missing.txt"), "matches no file",
+            failed_retry),
+        "resume: another run's checkpoint into a used run": (
+            run("forked", f"trainer.resume={base}/checkpoints/iter_0000010"), "another run's checkpoint", forked),
+        "eval_only: no weights to evaluate": (run("evaluated", "trainer.eval_only=true"), "evaluates saved weights",
+                                              evaluated),
+        "eval_only: into a used run": (run("evaluated2", "trainer.eval_only=true", f"init_from={base}"),
+                                       "already has checkpoints", evaluated2),
+        "callback option: evaluation interval 0": (run("b15", "callbacks.evaluation.interval=0"),
+                                                   "callbacks.evaluation: interval=0", None),
+        "callback option: patience not a number": (
+            run("b16", "callbacks=[default,early_stopping]", "callbacks.early_stopping.patience=abc"),
+            "callbacks.early_stopping: patience='abc'", None),
+        "callback option: sample prompt outside the vocabulary": (run("b17", "callbacks.sample.prompt=\u03b6"),
+                                                                  "callbacks.sample.prompt", None),
+        "sample: no checkpoint given": (sample, "checkpoint= is required", None),
+        "sample: which": ([*sample, f"checkpoint={base}", "which=worst"], "which=worst", None),
         "sample: missing checkpoint": ([*sample, "checkpoint=nowhere"], "does not exist", None),
         "sample: truncated checkpoint": ([*sample, f"checkpoint={truncated}", "which=last"], "corrupt or truncated",
                                          truncated),
@@ -411,6 +433,10 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "resume: missing", "resume: truncated", "resume: other model size", "resume: not a checkpoint",
               "init_from: missing", "init_from: truncated", "init_from: other model size",
               "init_from: not a checkpoint",
+              "resume: a failed attempt keeps the run's records", "resume: another run's checkpoint into a used run",
+              "eval_only: no weights to evaluate", "eval_only: into a used run",
+              "callback option: evaluation interval 0", "callback option: patience not a number",
+              "callback option: sample prompt outside the vocabulary", "sample: no checkpoint given", "sample: which",
               "sample: missing checkpoint", "sample: truncated checkpoint", "sample: not a checkpoint",
               "sample: prompt longer than the context"]
 
@@ -422,6 +448,14 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(bad_input_results, 
     assert set(BAD_INPUTS) == set(cases)
     assert_one_line_error(results[name], cases[name][1])
     assert unchanged.get(name, True)
+
+
+@pytest.mark.slow
+def test_init_from_a_run_without_a_best_checkpoint_uses_its_last(work, base):
+    stopped = copy_run(work, base, "no_best")
+    (stopped / "checkpoints" / "best").unlink()  # as a run stopped before its first evaluation
+    proc = train(work, "from_no_best", f"init_from={stopped}", "trainer.eval_only=true")
+    assert f"initialised from {stopped / 'checkpoints'}" in proc.stdout
 
 
 # -------------------------------------------------------------------------------------------------- security

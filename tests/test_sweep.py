@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +19,19 @@ TINY = ["model=nano", "model.n_embd=32", "model.block_size=32", "trainer.batch_s
         "callbacks.sample.max_new_tokens=8", "logger=none"]
 
 
-def multirun(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+def multirun(tmp: Path, *overrides: str, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp / "data")}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY, f"paths.log_dir={tmp}/logs",
                            "hydra.sweep.dir=logs/sweep", *overrides],
                           capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def files(path: Path) -> dict[str, bytes]:
+    """Every file under path but lock files (they name their latest holder)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.name != ".lock"}
 
 
 def result(run_dir: Path) -> dict:
@@ -35,7 +42,8 @@ def result(run_dir: Path) -> dict:
 def failing_sweep(tmp_path_factory):
     """Three jobs: a good lr, an invalid one (rejected at start), one that diverges to NaN (fails mid-run)."""
     tmp = tmp_path_factory.mktemp("failing_sweep")
-    multirun(tmp, "optimizer.lr=3e-3,-1,1e4", "trainer.grad_clip=0")
+    proc = multirun(tmp, "optimizer.lr=3e-3,-1,1e4", "trainer.grad_clip=0", returncode=1)  # all ran, two failed
+    assert proc.stderr.strip().splitlines()[-1] == "mlxgpt: 2 job(s) of the sweep failed: 1, 2"
     return tmp / "logs" / "sweep"
 
 
@@ -61,6 +69,20 @@ def test_summary_lists_every_job_marks_the_best_and_the_failures(failing_sweep):
     md = (failing_sweep / "summary.md").read_text()
     assert "| 1 (best) | 0 | optimizer.lr=0.003 |" in md
     assert md.count("| failed: ") == 2
+
+
+@pytest.mark.slow
+def test_a_sweep_into_a_used_directory_is_refused_and_a_changed_grid_does_not_continue_other_jobs(failing_sweep,
+                                                                                                  tmp_path):
+    shutil.copytree(failing_sweep.parents[1], tmp_path, dirs_exist_ok=True)  # logs/ and the prepared data
+    sweep = tmp_path / "logs" / "sweep"
+    before = files(sweep / "0")
+    again = multirun(tmp_path, "optimizer.lr=3e-3,-1,1e4", "trainer.grad_clip=0", returncode=2)
+    assert again.stderr.strip().splitlines()[-1].startswith("error: sweep directory logs/sweep already has jobs")
+    assert files(sweep / "0") == before and "Traceback" not in again.stderr
+    changed = multirun(tmp_path, "optimizer.lr=1e-3", "trainer.grad_clip=0", "trainer.resume=auto", returncode=1)
+    assert "job directory" in changed.stderr and "was trained with optimizer.lr=0.003 (now 0.001)" in changed.stderr
+    assert files(sweep / "0") == before  # neither continued nor relabelled: its records are those of lr=0.003
 
 
 def test_yaml_sweep_declares_the_lr_depth_grid():

@@ -131,6 +131,14 @@ def resolve(path: str | Path, which: str = "last") -> Path:
                     f"{p / which} or {p / 'checkpoints' / which}")
 
 
+def resolve_best(path: str | Path) -> Path:
+    """Like resolve(path, "best"), falling back to the last checkpoint (a run stopped before evaluating has no best)."""
+    try:
+        return resolve(path, "best")
+    except UserError:
+        return resolve(path, "last")
+
+
 def read_state(ckpt: Path) -> dict:
     """The checkpoint's state.json, validated."""
     try:

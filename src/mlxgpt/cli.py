@@ -9,7 +9,7 @@ from typing import Callable
 
 import hydra
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from mlxgpt.errors import UserError
 
@@ -59,11 +59,24 @@ def _raised_in_hydra(exc: BaseException) -> bool:
     return tb is not None and Path(hydra.__file__).parent in Path(tb.tb_frame.f_code.co_filename).parents
 
 
+_failed_jobs: set[str] = set()  # the jobs of this process's multirun that did not finish
+
+
+def report_failed_jobs(names: list[str]) -> None:
+    """Make the process exit 1 once Hydra returns: these jobs of the sweep failed."""
+    _failed_jobs.update(names)
+
+
 def run_hydra(main: Callable[[], object]) -> None:
-    """Call a @hydra.main function; config and user errors print one line to stderr and exit 2, Ctrl-C 130."""
+    """Call a @hydra.main function; config and user errors print one line to stderr and exit 2, Ctrl-C 130; a sweep
+    with failed jobs exits 1 after all have run."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let exceptions reach us instead of Hydra's multi-line report
     try:
         main()
+        if _failed_jobs:
+            print(f"mlxgpt: {len(_failed_jobs)} job(s) of the sweep failed: {', '.join(sorted(_failed_jobs))}",
+                  file=sys.stderr)
+            sys.exit(1)
     except Exception as e:
         message = user_message(e)
         if message is None:
@@ -75,7 +88,8 @@ def run_hydra(main: Callable[[], object]) -> None:
 
 
 def exit_on_user_error(task: Callable) -> Callable:
-    """Wrap a Hydra task so a UserError ends the process with one line (Hydra would add its own report)."""
+    """Wrap a Hydra task so a UserError or a missing mandatory value ends the process with one line (Hydra would add
+    its own report)."""
 
     @functools.wraps(task)
     def wrapper(cfg):
@@ -83,6 +97,8 @@ def exit_on_user_error(task: Callable) -> Callable:
             return task(cfg)
         except UserError as e:
             fail(str(e))
+        except MissingMandatoryValue as e:
+            fail(f"{e.full_key}= is required, e.g. `python {Path(sys.argv[0]).name} {e.full_key}=...`")
 
     return wrapper
 

@@ -165,9 +165,21 @@ CHOICES = {
 }
 
 
-def _check(ok: bool, key: str, value: Any, need: str) -> None:
+def _check(ok: bool, key: str, value: Any, need: str, script: str = "train.py") -> None:
     if not ok:
-        raise UserError(f"invalid {key}={value}: {need} (override it, e.g. `python train.py {key}=...`)")
+        raise UserError(f"invalid {key}={value}: {need} (override it, e.g. `python {script} {key}=...`)")
+
+
+def validate_sample(cfg: DictConfig, script: str = "sample.py") -> None:
+    """Range checks of sample.py's (and export.py's `which`) options; UserError naming the key and the fix."""
+    _check(cfg.which in ("best", "last"), "which", cfg.which, "must be best or last", script)
+    if script != "sample.py":
+        return
+    _check(cfg.device in ("auto", "gpu", "cpu"), "device", cfg.device, "must be one of auto, gpu, cpu", script)
+    _check(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1", script)
+    _check(cfg.max_new_tokens >= 0, "max_new_tokens", cfg.max_new_tokens, "must be >= 0", script)
+    _check(cfg.temperature >= 0, "temperature", cfg.temperature, "must be >= 0 (0 is greedy)", script)
+    _check(cfg.top_k is None or cfg.top_k >= 1, "top_k", cfg.top_k, "must be >= 1 or null", script)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -1,17 +1,20 @@
 """Run-directory safety: one process per run directory (a lock file), no run started over another's checkpoints,
-checks before Hydra writes into the directory, and the command that continues a stopped run."""
+checks before Hydra writes into the directory, the records of a continued run kept until the attempt saves a
+checkpoint, and the command that continues a stopped run."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shlex
+import shutil
 import socket
 import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback as HydraCallback
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mlxgpt import checkpoint
 from mlxgpt.cli import fail, user_message
@@ -19,6 +22,8 @@ from mlxgpt.config import validate
 from mlxgpt.errors import UserError
 
 LOCK_FILE = ".lock"
+PREVIOUS = ".previous_attempt"  # a used run dir's records as they were before this attempt rewrote them
+RECORDS = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "result.json")
 _held: dict[Path, int] = {}  # run dirs this process holds: the open lock file of each
 
 
@@ -45,6 +50,54 @@ def refuse_used_run_dir(run_dir: Path) -> None:
     if checkpoint.latest(run_dir / "checkpoints") is not None:  # debris of a killed first save is none
         raise UserError(f"run directory {run_dir} already has checkpoints: continue it with trainer.resume=auto "
                         f"or start a new run with a different run_name")
+
+
+def refuse_other_checkpoint(resume: str | None, ckpt: Path | None, run_dir: Path) -> None:
+    """UserError when trainer.resume names a checkpoint outside a run dir that has its own (it would roll it back)."""
+    if ckpt is not None and resume != "auto" and run_dir.resolve() not in ckpt.resolve().parents:
+        if checkpoint.latest(run_dir / "checkpoints") is not None:
+            raise UserError(f"run directory {run_dir} already has checkpoints; trainer.resume={resume} starts from "
+                            f"another run's checkpoint: use a new run_name (or trainer.resume=auto to continue it)")
+
+
+def keep_records(run_dir: Path) -> None:
+    """Before a continued run's records (.hydra/, result.json) are rewritten, copy them aside: a failed attempt that
+    saved no checkpoint puts them back (settle_records). An earlier attempt's copy stays if it got no further."""
+    latest = checkpoint.latest(run_dir / "checkpoints")
+    if latest is None:
+        return
+    previous = run_dir / PREVIOUS
+    if (previous / "checkpoint").is_file() and (previous / "checkpoint").read_text() == latest.name:
+        return
+    shutil.rmtree(previous, ignore_errors=True)
+    for name in RECORDS:
+        if (run_dir / name).is_file():
+            (previous / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run_dir / name, previous / name)
+    previous.mkdir(exist_ok=True)
+    (previous / "checkpoint").write_text(latest.name)
+
+
+def previous_overrides(run_dir: Path) -> list[str] | None:
+    """The overrides of the attempt before this one on a continued run dir (None when it has no kept records)."""
+    path = run_dir / PREVIOUS / ".hydra" / "overrides.yaml"
+    return list(OmegaConf.load(path)) if path.is_file() else None
+
+
+def settle_records(run_dir: Path, failed: bool) -> bool:
+    """End of an attempt: a failed one that saved no checkpoint gets the kept records back (True); else drop them."""
+    previous = run_dir / PREVIOUS
+    if not (previous / "checkpoint").is_file():
+        return False
+    latest = checkpoint.latest(run_dir / "checkpoints")
+    restore = failed and latest is not None and latest.name == (previous / "checkpoint").read_text()
+    if restore:
+        for name in RECORDS:
+            (run_dir / name).unlink(missing_ok=True)
+            if (previous / name).is_file():
+                os.replace(previous / name, run_dir / name)
+    shutil.rmtree(previous, ignore_errors=True)
+    return restore
 
 
 def lock_run_dir(run_dir: Path) -> None:
@@ -88,13 +141,71 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     return checkpoint.resolve(resume)
 
 
-def resume_command(run_dir: Path, run_name: str, multirun: bool) -> str:
-    """The command line that continues this job: its overrides, its directory, and trainer.resume=auto."""
+def resume_command(run_name: str, multirun: bool) -> str:
+    """The command line that continues this run (its overrides, trainer.resume=auto); for a sweep's job, the whole
+    sweep in its directory."""
     from hydra.core.hydra_config import HydraConfig
 
-    where = f"hydra.run.dir={run_dir}" if multirun else f"run_name={run_name}"
-    keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("trainer.resume=", "run_name="))]
-    return shlex.join(["python", sys.argv[0], *keep, where, "trainer.resume=auto"])
+    hc = HydraConfig.get()
+    if multirun:
+        keep = [o for o in sweep_command_line(hc) if not o.startswith(("trainer.resume=", "hydra.sweep.dir="))]
+        return shlex.join(["python", sys.argv[0], "-m", *keep, f"hydra.sweep.dir={hc.sweep.dir}", "trainer.resume=auto"])
+    keep = [o for o in hc.overrides.task if not o.startswith(("trainer.resume=", "run_name="))]
+    return shlex.join(["python", sys.argv[0], *keep, f"run_name={run_name}", "trainer.resume=auto"])
+
+
+def sweep_command_line(hc) -> list[str]:
+    """A multirun's command-line overrides: as Hydra recorded them in the sweep dir's multirun.yaml, else (Optuna
+    writes none, and runs its trials in this process) this process's arguments."""
+    multirun_yaml = Path(hc.sweep.dir) / "multirun.yaml"
+    if multirun_yaml.is_file():
+        return list(OmegaConf.load(multirun_yaml).hydra.overrides.task)
+    return [a for a in sys.argv[1:] if not a.startswith("-")]
+
+
+def swept_keys(hc) -> set[str]:
+    """The keys a multirun varies: its sweeper's `params` and the command line's sweep overrides (`k=a,b`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set(hc.sweeper.get("params") or {})
+    cli = OverridesParser.create().parse_overrides(sweep_command_line(hc))
+    return keys | {o.key_or_group for o in cli if o.is_sweep_override()}
+
+
+CONTINUE_KEYS = ("trainer.resume", "trainer.max_iters", "trainer.eval_interval", "trainer.eval_iters",
+                 "trainer.log_interval", "trainer.device", "logger.", "callbacks.", "paths.", "hydra.")
+
+
+def check_same_job(run_dir: Path, current: list[str]) -> None:
+    """UserError when a continued sweep job's overrides differ from those its checkpoints were trained with (but for
+    CONTINUE_KEYS, which a continued run may change): else the job's records would name settings it never ran."""
+    before = previous_overrides(run_dir)
+    if before is None:
+        return
+    old, new = (_override_values(overrides) for overrides in (before, current))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(CONTINUE_KEYS))
+    if changed:
+        diff = ", ".join(f"{k}={old.get(k, 'default')} (now {new.get(k, 'default')})" for k in changed)
+        raise UserError(f"job directory {run_dir} was trained with {diff}: continue the sweep with its original "
+                        f"values, or start it in a new hydra.sweep.dir")
+
+
+def _override_values(overrides: list[str]) -> dict[str, object]:
+    """key -> value of `key=value` overrides, numbers as numbers (3e-3 == 0.003)."""
+    values = {}
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        try:
+            values[key] = float(value)
+        except ValueError:
+            values[key] = value
+    return values
+
+
+def settle_sweep(sweep_dir: Path) -> None:
+    """End of a multirun: drop the kept records of its jobs that did not run this time."""
+    for previous in sweep_dir.glob(f"*/{PREVIOUS}"):
+        settle_records(previous.parent, failed=True)
 
 
 def is_main_process() -> bool:
@@ -115,22 +226,53 @@ class PreflightCheck(HydraCallback):
     writes `.hydra/` into it: a refused run changes nothing."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        try:
+        with _exit_on_user_error():
             validate(config)
             t, run_dir = config.trainer, Path(config.hydra.run.dir)
-            if t.resume is None and not t.eval_only:
-                refuse_used_run_dir(run_dir)
-            ckpt = resume_checkpoint(t.resume, run_dir)
+            ckpt = check_start(t, run_dir, config.init_from)
             if ckpt is not None:
                 state = checkpoint.verify(ckpt)
                 if config.init_from is None:  # else the model's sizes may come from init_from: the trainer checks
                     checkpoint.check_model(ckpt, state, config.model)
             if is_main_process():
                 lock_run_dir(run_dir)
+                keep_records(run_dir)
             else:
                 write_nothing(config)
-        except Exception as e:  # Hydra turns a callback's exception into a warning and goes on: exit here
-            message = user_message(e)  # also e.g. an interpolation that does not resolve
-            if message is None:
-                raise
-            fail(message)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """A sweep into a directory whose jobs have checkpoints continues them (trainer.resume=auto) or is refused
+        whole, before any job rewrites one of them."""
+        with _exit_on_user_error():
+            sweep_dir = Path(config.hydra.sweep.dir)
+            used = sorted(d for d in sweep_dir.glob("*") if checkpoint.latest(d / "checkpoints") is not None)
+            if used and config.trainer.resume != "auto":
+                raise UserError(f"sweep directory {sweep_dir} already has jobs with checkpoints ({used[0].name}, ...): "
+                                f"continue them with the same sweep and trainer.resume=auto, or use a new "
+                                f"hydra.sweep.dir")
+            for run_dir in used:
+                keep_records(run_dir)
+
+
+def check_start(t: DictConfig, run_dir: Path, init_from: str | None) -> Path | None:
+    """Whether this run may start in `run_dir` (UserError if not); the checkpoint it resumes from, if any."""
+    if t.eval_only and not (init_from or t.resume not in (None, "auto")):
+        raise UserError("trainer.eval_only=true evaluates saved weights: add init_from=<run or checkpoint dir> "
+                        "(or gpt2, ...), with a run_name of its own")
+    if t.resume is None or t.eval_only:
+        refuse_used_run_dir(run_dir)
+    ckpt = resume_checkpoint(t.resume, run_dir)
+    refuse_other_checkpoint(t.resume, ckpt, run_dir)
+    return ckpt
+
+
+@contextlib.contextmanager
+def _exit_on_user_error():
+    """In a Hydra callback (whose exceptions Hydra turns into warnings): a user error ends the process, one line."""
+    try:
+        yield
+    except Exception as e:
+        message = user_message(e)  # also e.g. an interpolation that does not resolve
+        if message is None:
+            raise
+        fail(message)

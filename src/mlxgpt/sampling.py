@@ -7,6 +7,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from mlxgpt import checkpoint, device
+from mlxgpt.config import validate_sample
 from mlxgpt.errors import UserError
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.tokenizer import tokenizer_from_meta
@@ -15,12 +16,7 @@ from mlxgpt.trainer import load_weights
 
 def load_model(path: str | Path, which: str = "best"):
     """(model, tokenizer, state) from a run dir or checkpoint dir; `best` falls back to `last`."""
-    try:
-        ckpt = checkpoint.resolve(path, which)
-    except UserError:
-        if which == "last":
-            raise
-        ckpt = checkpoint.resolve(path, "last")
+    ckpt = checkpoint.resolve(path, "last") if which == "last" else checkpoint.resolve_best(path)
     state = checkpoint.read_state(ckpt)
     model = GPT(GPTConfig(**state["model_config"]))
     load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
@@ -30,6 +26,7 @@ def load_model(path: str | Path, which: str = "best"):
 
 def sample(cfg) -> Iterator[str]:
     """Yield `cfg.num_samples` generations of `cfg.max_new_tokens` tokens after `cfg.prompt` (FILE:path reads a file)."""
+    validate_sample(cfg)
     device.select_device(cfg.device)
     model, tokenizer, _ = load_model(cfg.checkpoint, cfg.which)
     prompt = cfg.prompt
@@ -42,10 +39,6 @@ def sample(cfg) -> Iterator[str]:
     context = model.config.block_size
     if len(ids) > context:
         raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}; shorten it")
-    if cfg.temperature < 0:
-        raise UserError(f"invalid temperature={cfg.temperature}: must be >= 0 (0 is greedy)")
-    if cfg.top_k is not None and cfg.top_k < 1:
-        raise UserError(f"invalid top_k={cfg.top_k}: must be >= 1 or null")
     mx.random.seed(cfg.seed)
     for _ in range(cfg.num_samples):
         out = model.generate(mx.array([ids]), cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,

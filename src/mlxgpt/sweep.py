@@ -7,8 +7,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mlxgpt.cli import report_failed_jobs
 from mlxgpt.compare import best_run, describe, load_runs, varying_keys, write_table
 from mlxgpt.errors import UserError
+from mlxgpt.rundir import settle_sweep
 
 
 class SweepSummary(Callback):
@@ -16,10 +18,12 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        settle_sweep(sweep_dir)
         try:
             runs = load_runs([sweep_dir])
         except UserError as e:  # no job got as far as writing its run dir
             print(f"mlxgpt: no sweep summary written: {e}")
+            report_failed_jobs(["all"])
             return
         md, csv = write_table(runs, sweep_dir, "summary")
         failed = [r for r in runs if r.status != "ok"]
@@ -28,3 +32,6 @@ class SweepSummary(Callback):
         if best is not None:
             print(f"mlxgpt: best job {best.name}: {describe(best, varying_keys(runs))}, "
                   f"best val loss {best.best_val_loss:.4f}")
+        else:
+            print("mlxgpt: no job finished, so there is no best job (whatever a sweeper printed as best)")
+        report_failed_jobs([r.name for r in failed])

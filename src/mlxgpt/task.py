@@ -19,15 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlxgpt import checkpoint, device
 from mlxgpt.callbacks.base import Callback
-from mlxgpt.cli import fail
+from mlxgpt.cli import fail, report_failed_jobs
 from mlxgpt.config import validate
 from mlxgpt.data import load_data
 from mlxgpt.errors import UserError
 from mlxgpt.interrupt import Interrupted
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
-from mlxgpt.rundir import (holds_lock, is_main_process, lock_run_dir, refuse_used_run_dir, resume_checkpoint,
-                           resume_command, unlock_run_dir)
+from mlxgpt.rundir import (check_same_job, check_start, holds_lock, is_main_process, lock_run_dir, resume_command,
+                           settle_records, unlock_run_dir)
 from mlxgpt.trainer import Trainer, load_weights
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -41,19 +41,20 @@ def train(cfg: DictConfig) -> float:
     try:
         if is_main_process():
             lock_run_dir(run_dir)  # a single run holds it since PreflightCheck; a multirun job takes it here
-        summary = _train(cfg, run_dir)
+        summary = _train(cfg, run_dir, multirun)
     except Interrupted as e:
         _write_failure(run_dir, {"status": "interrupted", "iter": e.iteration})
         if is_main_process():
             saved = checkpoint.latest(run_dir / "checkpoints")
             print(f"mlxgpt: {e}; {f'latest checkpoint {saved}' if saved else 'no checkpoint saved'}; continue with: "
-                  f"{resume_command(run_dir, cfg.run_name, multirun)}", file=sys.stderr)
+                  f"{resume_command(cfg.run_name, multirun)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except BaseException as exc:
         e = _disk_error(exc) or exc
         _write_failure(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
         if multirun and isinstance(e, Exception):
-            print(f"error: job failed: {e}" if isinstance(e, UserError) else traceback.format_exc())
+            report_failed_jobs([run_dir.name])  # the sweep goes on, and exits 1 at its end
+            print(f"error: job failed: {e}" if isinstance(e, UserError) else traceback.format_exc(), file=sys.stderr)
             return math.inf  # optuna rejects NaN; the basic sweeper ignores the value
         if isinstance(e, UserError):
             fail(str(e))  # one line, exit 2 (Hydra would add its own report)
@@ -63,17 +64,21 @@ def train(cfg: DictConfig) -> float:
         gc.collect()  # a multirun's jobs share this process: free this job's arrays (cycles hold the model)...
         mx.clear_cache()  # ...and give MLX's buffer cache back before the next job
     if is_main_process():  # the other ranks of a distributed run write nothing
+        settle_records(run_dir, failed=False)
         _write_result(run_dir, {"status": "ok", **summary})
     return summary.get("best/val_loss", math.nan)
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
     validate(cfg)
     mx.reset_peak_memory()  # memory_gb is per job, also in a multirun
     t = cfg.trainer
-    resume_from = resume_checkpoint(t.resume, run_dir)
-    if resume_from is None and not t.eval_only:
-        refuse_used_run_dir(run_dir)  # multirun jobs (PreflightCheck checks single runs before Hydra writes)
+    resume_from = check_start(t, run_dir, cfg.init_from)  # again for multirun jobs (PreflightCheck: single runs)
+    if multirun and resume_from is not None:
+        check_same_job(run_dir, list(HydraConfig.get().overrides.task))
+    if t.resume == "auto" and not t.eval_only and is_main_process():
+        print("mlxgpt: trainer.resume=auto: " + (f"continuing from {resume_from}" if resume_from else
+                                                  f"no checkpoint in {run_dir}, starting a new run"))
     trainer = build_trainer(cfg, run_dir, resume_from)
     if t.eval_only:
         losses = trainer.evaluate()
@@ -127,8 +132,10 @@ def _build_model(cfg: DictConfig, tokenizer) -> GPT:
         return model
     model = GPT(config)
     if cfg.init_from:
-        ckpt = checkpoint.resolve(cfg.init_from, which="best")
-        checkpoint.check_tokenizer(ckpt, checkpoint.read_state(ckpt), tokenizer.to_meta())
+        ckpt = checkpoint.resolve_best(cfg.init_from)
+        state = checkpoint.read_state(ckpt)
+        checkpoint.check_model(ckpt, state, cfg.model)
+        checkpoint.check_tokenizer(ckpt, state, tokenizer.to_meta())
         load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
         print(f"mlxgpt: initialised from {ckpt}")
     return model
@@ -139,7 +146,7 @@ def _use_init_char_vocabulary(cfg: DictConfig) -> None:
     if (not cfg.init_from or cfg.init_from in PRETRAINED or _is_hf_dir(cfg.init_from) or cfg.data.tokenizer != "char"
             or cfg.data.chars is not None):
         return
-    ckpt = checkpoint.resolve(cfg.init_from, which="best")
+    ckpt = checkpoint.resolve_best(cfg.init_from)
     saved = checkpoint.read_state(ckpt).get("tokenizer") or {}
     if saved.get("name") == "char":
         cfg.data.chars = saved["chars"]
@@ -173,10 +180,12 @@ def _disk_error(exc: BaseException) -> UserError | None:
 
 
 def _write_failure(run_dir: Path, result: dict) -> None:
-    """result.json of a job that did not finish: only into a run dir this process holds; a full disk is no error."""
+    """result.json of a job that did not finish: only into a run dir this process holds, and not where the attempt
+    saved no checkpoint over an earlier one (its records are put back instead); a full disk is no error."""
     if holds_lock(run_dir):
         with contextlib.suppress(OSError):
-            _write_result(run_dir, result)
+            if not settle_records(run_dir, failed=True):
+                _write_result(run_dir, result)
 
 
 def _write_result(run_dir: Path, result: dict) -> None:

@@ -375,4 +375,6 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], source: Path | 
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise UserError(f"weights in {source} do not fit this model ({e}); check the model= settings") from None
+        detail = " ".join(str(e).split())  # MLX lists the tensors one per line
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise UserError(f"weights in {source} do not fit this model ({detail}); check the model= settings") from None

@@ -4,6 +4,18 @@ from __future__ import annotations
 from typing import Any
 
 
+def check_option(name: str, value: Any, kind: str, ok=lambda v: True, need: str = "") -> None:
+    """ValueError unless a callback option has its kind (int, number, bool, str, int_or_none) and passes `ok`; the
+    trainer reports it as `callbacks.<callback>: ...` before any work."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    kinds = {"int": (is_int, "an integer"), "number": (is_int or isinstance(value, float), "a number"),
+             "bool": (isinstance(value, bool), "true or false"), "str": (isinstance(value, str), "a string"),
+             "int_or_none": (value is None or is_int, "an integer or null")}
+    right_kind, description = kinds[kind]
+    if not right_kind or (value is not None and not ok(value)):
+        raise ValueError(f"{name}={value!r}: must be {description}{', ' + need if need else ''}")
+
+
 class Callback:
     """Override the events you need. `priority`: lower runs first (producers of metrics before consumers)."""
 

@@ -5,7 +5,7 @@ import math
 import sys
 
 from mlxgpt import checkpoint
-from mlxgpt.callbacks.base import Callback
+from mlxgpt.callbacks.base import Callback, check_option
 from mlxgpt.errors import UserError
 from mlxgpt.interrupt import Interrupted
 
@@ -14,8 +14,9 @@ class CheckpointCallback(Callback):
     priority = 50
 
     def __init__(self, keep: int = 2, save_best: bool = True, save_last: bool = True):
-        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
-            raise ValueError(f"keep={keep!r} must be an integer >= 0")
+        check_option("keep", keep, "int", lambda v: v >= 0, ">= 0")
+        check_option("save_best", save_best, "bool")
+        check_option("save_last", save_last, "bool")
         self.keep, self.save_best, self.save_last = keep, save_best, save_last
         self._best = math.inf
         self._saved_iter = -1

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import math
 
-from mlxgpt.callbacks.base import Callback
+from mlxgpt.callbacks.base import Callback, check_option
 
 
 class EarlyStoppingCallback(Callback):
     priority = 60
 
     def __init__(self, patience: int = 5, min_delta: float = 0.0):
+        check_option("patience", patience, "int", lambda v: v >= 1, ">= 1")
+        check_option("min_delta", min_delta, "number", lambda v: v >= 0, ">= 0")
         self.patience, self.min_delta = patience, min_delta
         self._best, self._bad = math.inf, 0
 

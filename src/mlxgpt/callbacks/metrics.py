@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from mlxgpt.callbacks.base import Callback
+from mlxgpt.callbacks.base import Callback, check_option
 from mlxgpt.rundir import start_records
 
 
@@ -11,6 +12,8 @@ class MetricsFileCallback(Callback):
     priority = 5  # open the file before the evaluation at train start is logged
 
     def __init__(self, filename: str = "metrics.jsonl"):
+        check_option("filename", filename, "str", lambda v: v and Path(v).name == v, "a plain file name (it is "
+                     "written in the run directory)")
         self.filename = filename
         self._file = None
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from mlxgpt.callbacks.base import Callback
+from mlxgpt.callbacks.base import Callback, check_option
 
 
 class ProgressCallback(Callback):
     priority = 40  # closes its bar before the final sample is printed (45)
 
     def __init__(self, leave: bool = True):
+        check_option("leave", leave, "bool")
         self.leave = leave
         self._bar = None
 

@@ -5,7 +5,8 @@ import json
 
 import mlx.core as mx
 
-from mlxgpt.callbacks.base import Callback
+from mlxgpt.callbacks.base import Callback, check_option
+from mlxgpt.errors import UserError
 from mlxgpt.rundir import start_records
 
 RECORDS = "samples.jsonl"
@@ -16,6 +17,12 @@ class SampleCallback(Callback):
 
     def __init__(self, prompt: str = "\n", max_new_tokens: int = 300, temperature: float = 0.8, top_k: int | None = 200,
                  every_evals: int = 0, print_at_end: bool = True):
+        check_option("prompt", prompt, "str")
+        check_option("max_new_tokens", max_new_tokens, "int", lambda v: v >= 0, ">= 0")
+        check_option("temperature", temperature, "number", lambda v: v >= 0, ">= 0 (0 is greedy)")
+        check_option("top_k", top_k, "int_or_none", lambda v: v >= 1, ">= 1 (or null)")
+        check_option("every_evals", every_evals, "int", lambda v: v >= 0, ">= 0")
+        check_option("print_at_end", print_at_end, "bool")
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
         self.every_evals, self.print_at_end = every_evals, print_at_end
@@ -23,6 +30,10 @@ class SampleCallback(Callback):
         self._records_started = False  # samples.jsonl readied for this run (see start_records)
 
     def on_train_start(self, trainer) -> None:
+        try:
+            trainer.tokenizer.encode(self.prompt)  # before training, not at its end
+        except UserError as e:
+            raise UserError(f"callbacks.sample.prompt={self.prompt!r}: {e}") from None
         if trainer.is_main and trainer.resumed:  # before any sample: a resumed run has no evaluation at start
             start_records(trainer.run_dir / RECORDS, trainer.iter)
             self._records_started = True

@@ -177,12 +177,14 @@ def job_name_and_group(run_dir: Path) -> tuple[str, str]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from mlxgpt.rundir import swept_keys
+
     if not HydraConfig.initialized():
         return run_dir.name, run_dir.name
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     skip = set(hc.job.config.override_dirname.exclude_keys) | {"sweep", "hparams_search"}
-    swept = _swept_keys(hc) if multirun else set()
+    swept = swept_keys(hc) if multirun else set()
     pairs = []
     for override in hc.overrides.task:
         key, _, value = override.lstrip("+~").partition("=")
@@ -191,16 +193,3 @@ def job_name_and_group(run_dir: Path) -> tuple[str, str]:
     short = [key.rsplit(".", 1)[-1] for key, _ in pairs]
     name = ",".join(f"{s if short.count(s) == 1 else key}={value}" for (key, value), s in zip(pairs, short))
     return name or run_dir.name, Path(hc.sweep.dir).name if multirun else run_dir.name
-
-
-def _swept_keys(hc) -> set[str]:
-    """The keys a multirun varies: its sweeper's `params` and the CLI's sweep overrides (`k=a,b`) that Hydra
-    records in the sweep dir's multirun.yaml."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    keys = set(hc.sweeper.get("params") or {})
-    multirun_yaml = Path(hc.sweep.dir) / "multirun.yaml"
-    if multirun_yaml.is_file():
-        cli = OmegaConf.load(multirun_yaml).hydra.overrides.task
-        keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(list(cli)) if o.is_sweep_override()}
-    return keys
