@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from mlxgpt.compare import load_runs, varying_keys
+from mlxgpt.compare import is_continuous, load_runs, tick_label, varying_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=nano", "model.n_embd=32", "model.block_size=32", "trainer.batch_size=4", "trainer.max_iters=10",
         "trainer.eval_interval=5", "trainer.eval_iters=2", "trainer.log_interval=5",
         "callbacks.sample.max_new_tokens=8", "logger=none"]  # compare needs no W&B data
 PNG = b"\x89PNG\r\n\x1a\n"
+UNRESOLVABLE = "${oc.env:MLXGPT_COMPARE_GROUP}"  # set for the run only: compare cannot resolve it
 
 
-def python(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLXGPT_DATA_DIR": str(cwd / "data")}
+def python(script: str, *args: str, cwd: Path, check: bool = True, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(cwd / "data"), **env_vars}
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=300)
     assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -32,6 +33,32 @@ def grid(tmp_path_factory) -> Path:
     python("train.py", "-m", *TINY, f"paths.log_dir={tmp}/logs", "hydra.sweep.dir=logs/grid",
            "optimizer.lr=1e-3,1e-2", "model.n_layer=1,2", cwd=tmp)
     return tmp / "logs" / "grid"
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    """Runs from separate commands, as compared across sweeps: logs/runs/named (run_name=named, model.n_layer=1),
+    logs/deep/0 (model.n_layer=2, lr left at its default 6e-4), logs/slow/0 (optimizer.lr=1e-4, model.n_layer=1; the
+    sweep writes it 0.0001), logs/given (the same, written 1e-4 as given) and logs/env (logger.group=UNRESOLVABLE);
+    returns the dir holding logs/."""
+    tmp = tmp_path_factory.mktemp("compare_mixed")
+    for args in (["run_name=named", "model.n_layer=1"], ["-m", "hydra.sweep.dir=logs/deep", "model.n_layer=2"],
+                 ["-m", "hydra.sweep.dir=logs/slow", "optimizer.lr=1e-4", "model.n_layer=1"],
+                 ["hydra.run.dir=logs/given", "optimizer.lr=1e-4", "model.n_layer=1"],
+                 ["hydra.run.dir=logs/env", f"logger.group={UNRESOLVABLE}"]):
+        multirun = args[:1] == ["-m"]
+        python("train.py", *args[:multirun], *TINY, f"paths.log_dir={tmp}/logs", *args[multirun:], cwd=tmp,
+               MLXGPT_COMPARE_GROUP="group")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory) -> Path:
+    """A 6-trial Optuna search (lr from a range, depth from 2, 4, 6); returns its sweep dir."""
+    tmp = tmp_path_factory.mktemp("compare_search")
+    python("train.py", "-m", *TINY, f"paths.log_dir={tmp}/logs", "hydra.sweep.dir=logs/search",
+           "hparams_search=lr_depth_optuna", "hydra.sweeper.n_trials=6", cwd=tmp)
+    return tmp / "logs" / "search"
 
 
 def lowest_val_loss_run(sweep_dir: Path) -> str:
@@ -74,3 +101,49 @@ def test_compare_without_runs_is_a_one_line_user_error(tmp_path):
     proc = python("compare.py", str(tmp_path), cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no run directories") and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_compare_a_named_run_with_a_sweep_job(mixed, tmp_path):
+    """run_name (set in one, ${now:...} in the other) is where a run is kept, not a parameter."""
+    runs = [mixed / "logs/runs/named", mixed / "logs/deep/0"]
+    python("compare.py", *map(str, runs), "--out", str(tmp_path), cwd=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "table.csv")))
+    assert sorted(r["model.n_layer"] for r in rows) == ["1", "2"]
+    assert "run_name" not in rows[0] and varying_keys(load_runs(runs)) == ["model.n_layer"]
+
+
+@pytest.mark.slow
+def test_compare_shows_a_value_it_cannot_resolve_as_written(mixed, tmp_path):
+    python("compare.py", str(mixed / "logs/env"), "--out", str(tmp_path), cwd=tmp_path)
+    assert next(csv.DictReader(open(tmp_path / "table.csv")))["logger.group"] == UNRESOLVABLE
+
+
+@pytest.mark.slow
+def test_compare_shows_a_default_value_and_draws_its_heatmap(mixed, tmp_path):
+    """logs/deep/0 left lr at its default: the table and the heatmap take it from the run's config."""
+    python("compare.py", str(mixed / "logs/deep/0"), str(mixed / "logs/slow/0"), "--out", str(tmp_path), cwd=tmp_path)
+    rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "table.csv"))}
+    assert (rows["deep/0"]["optimizer.lr"], rows["slow/0"]["optimizer.lr"]) == ("0.0006", "0.0001")
+    assert "| deep/0 | model.n_layer=2,optimizer.lr=0.0006 |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "heatmap.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.slow
+def test_the_same_value_written_two_ways_does_not_vary(mixed):
+    runs = load_runs([mixed / "logs/slow/0", mixed / "logs/given"])
+    assert sorted(r.overrides["optimizer.lr"] for r in runs) == ["0.0001", "1e-4"]
+    assert varying_keys(runs) == []
+
+
+@pytest.mark.slow
+def test_a_search_is_drawn_as_a_scatter_with_short_tick_labels(search, grid, tmp_path):
+    runs = load_runs([search])
+    assert varying_keys(runs) == ["optimizer.lr", "model.n_layer"]
+    assert is_continuous(runs, "optimizer.lr") and not is_continuous(runs, "model.n_layer")
+    assert not is_continuous(load_runs([grid]), "optimizer.lr")  # 2 values, each in 2 runs: a grid
+    for lr in (r.value("optimizer.lr") for r in runs):  # 0.00024380478036384822 -> 0.000244
+        label = tick_label(lr)
+        assert len(label.replace(".", "").lstrip("0").split("e")[0]) <= 3 and float(label) == pytest.approx(lr, 5e-3)
+    python("compare.py", str(search), "--out", str(tmp_path), cwd=tmp_path)
+    assert (tmp_path / "heatmap.png").read_bytes().startswith(PNG)

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mlxgpt.cli import fail
 from mlxgpt.errors import UserError
 
-IGNORED_KEYS = ("hydra.", "paths.", "logger.mode", "trainer.resume")  # where a run is kept, not what it does
+# where a run is kept, not what it does
+IGNORED_KEYS = ("hydra.", "paths.", "run_name", "logger.mode", "trainer.resume")
+GRID_MAX_VALUES = 5  # a numeric parameter taking more values than this, most runs their own, is drawn as a scatter
 
 
 @dataclass
@@ -28,7 +31,7 @@ class Run:
     path: Path
     name: str
     overrides: dict[str, str]  # key -> value as given on the command line, in order
-    config: Any  # the resolved config (.hydra/config.yaml)
+    config: Any  # the composed config (.hydra/config.yaml), interpolations unresolved
     status: str  # ok | failed | incomplete (no result.json: killed, or still running)
     error: str = ""
     evals: list[dict] = field(default_factory=list)  # metrics.jsonl records with event=eval
@@ -54,9 +57,21 @@ class Run:
         return max((r["iter"] for r in self.logs + self.evals), default=0)
 
     def value(self, key: str) -> Any:
-        """The run's value of an overridden key: typed from the config when it is a scalar there."""
-        typed = OmegaConf.select(self.config, key, default=None)
+        """The run's value of a key, overridden or not: typed from the config when it is a scalar there, its raw text
+        when it interpolates what only the run could resolve (`${now:...}`, an unset variable), else as given."""
+        try:
+            typed = OmegaConf.select(self.config, key, default=None)
+        except OmegaConfBaseException:
+            typed = _raw(self.config, key)
         return typed if isinstance(typed, (int, float, str, bool)) else self.overrides.get(key)
+
+
+def _raw(config: Any, key: str) -> Any:
+    """A config value as written, interpolations unresolved (None when the key is missing)."""
+    node = OmegaConf.to_container(config, resolve=False)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _finite(x: Any) -> bool:
@@ -82,7 +97,7 @@ def load_run(path: Path, root: Path) -> Run:
     hydra_dir = path / ".hydra"
     overrides = {}
     if (hydra_dir / "overrides.yaml").is_file():
-        for item in OmegaConf.load(hydra_dir / "overrides.yaml"):
+        for item in OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml")):  # as written
             key, _, value = str(item).lstrip("+~").partition("=")
             if not key.startswith(IGNORED_KEYS):
                 overrides[key] = value
@@ -112,11 +127,12 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
-    """Overridden keys whose value differs between runs (all of a lone run's), in first-seen order."""
+    """Overridden keys whose typed value (3e-3 == 0.003) differs between runs (all of a lone run's), in first-seen
+    order."""
     keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
     if len(runs) == 1:
         return keys
-    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    return [k for k in keys if len({r.value(k) for r in runs}) > 1]
 
 
 def ranked(runs: list[Run]) -> list[Run]:
@@ -135,12 +151,18 @@ def best_run(runs: list[Run]) -> Run | None:
 
 
 def describe(run: Run, keys: list[str]) -> str:
-    """`optimizer.lr=3e-4,model.n_layer=6`: the run's values of the given keys."""
-    return ",".join(f"{k}={run.overrides[k]}" for k in keys if k in run.overrides) or run.name
+    """`optimizer.lr=3e-4,model.n_layer=6`: the run's values of the given keys (as given where overridden)."""
+    values = {k: run.overrides.get(k, run.value(k)) for k in keys}
+    return ",".join(f"{k}={v}" for k, v in values.items() if v is not None) or run.name
 
 
 def _fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if _finite(x) else "-"
+
+
+def tick_label(value: Any) -> str:
+    """A parameter value for an axis: floats to 3 significant digits (0.000316, not 0.00031622776601683794)."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _shown(path: Path) -> str:
@@ -210,13 +232,52 @@ def plot_val_curves(runs: list[Run], path: Path) -> Path:
     return path
 
 
-def _axis(runs: list[Run], key: str) -> list[str]:
-    """A parameter's values as given, sorted numerically when they are numbers."""
-    values = list(dict.fromkeys(r.overrides[key] for r in runs if key in r.overrides))
+def _values(runs: list[Run], key: str) -> list:
+    """A parameter's distinct values over the runs that have one, sorted (numbers numerically)."""
+    values = {r.value(key) for r in runs} - {None}
     try:
-        return sorted(values, key=float)
-    except ValueError:
         return sorted(values)
+    except TypeError:  # numbers and text mixed
+        return sorted(values, key=str)
+
+
+def is_continuous(runs: list[Run], key: str) -> bool:
+    """Whether a parameter's values look drawn from a range (an Optuna search) rather than set on a grid: numbers,
+    more than GRID_MAX_VALUES of them, most runs having their own. A grid of them would be mostly blank."""
+    values = [v for v in (r.value(key) for r in runs) if v is not None]
+    return _numeric(values) and len(set(values)) > max(GRID_MAX_VALUES, len(values) / 2)
+
+
+def _numeric(values: list) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _log_scale(runs: list[Run], key: str) -> bool:
+    """Positive numbers spanning more than 10x (a learning rate): an axis for them is logarithmic."""
+    values = _values(runs, key)
+    return bool(values) and all(isinstance(v, float) and v > 0 for v in values) and max(values) > 10 * min(values)
+
+
+def _placed(run: Run | None, x_key: str, y_key: str) -> bool:
+    """Whether a run has a value for both keys (a place on the plot)."""
+    return run is not None and run.value(x_key) is not None and run.value(y_key) is not None
+
+
+def _scatter_axis(runs: list[Run], key: str, axis: Any, set_scale: Any) -> None:
+    """Numeric ticks to 3 significant digits: at 1, 2, 5 x 10^k on a log scale (a learning rate), at the values of a
+    grid-like parameter (depth); text values are left as categories."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    values = _values(runs, key)
+    if not _numeric(values):
+        return
+    if _log_scale(runs, key):
+        set_scale("log")
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_formatter(NullFormatter())
+    elif not is_continuous(runs, key):
+        axis.set_ticks(values)
+    axis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(float(v))))
 
 
 def plot_heatmap(runs: list[Run], x_key: str, y_key: str, path: Path) -> Path:
@@ -227,12 +288,12 @@ def plot_heatmap(runs: list[Run], x_key: str, y_key: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    xs, ys, best = _axis(runs, x_key), _axis(runs, y_key), best_run(runs)
+    xs, ys, best = _values(runs, x_key), _values(runs, y_key), best_run(runs)
     grid = np.full((len(ys), len(xs)), np.nan)
     labels = [["" for _ in xs] for _ in ys]
     for r in runs:
-        if x_key in r.overrides and y_key in r.overrides:
-            i, j = ys.index(r.overrides[y_key]), xs.index(r.overrides[x_key])
+        if _placed(r, x_key, y_key):
+            i, j = ys.index(r.value(y_key)), xs.index(r.value(x_key))
             ok = r.status == "ok" and _finite(r.best_val_loss)
             grid[i, j] = r.best_val_loss if ok else np.nan
             labels[i][j] = _fmt(r.best_val_loss, 3) if ok else r.status
@@ -242,11 +303,11 @@ def plot_heatmap(runs: list[Run], x_key: str, y_key: str, path: Path) -> Path:
     for i in range(len(ys)):
         for j in range(len(xs)):
             ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=9)
-    if best is not None:
-        i, j = ys.index(best.overrides[y_key]), xs.index(best.overrides[x_key])
+    if _placed(best, x_key, y_key):
+        i, j = ys.index(best.value(y_key)), xs.index(best.value(x_key))
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5))
-    ax.set_xticks(range(len(xs)), xs)
-    ax.set_yticks(range(len(ys)), ys)
+    ax.set_xticks(range(len(xs)), [tick_label(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [tick_label(y) for y in ys])
     ax.set_xlabel(x_key)
     ax.set_ylabel(y_key)
     ax.set_title("best val loss")
@@ -256,14 +317,55 @@ def plot_heatmap(runs: list[Run], x_key: str, y_key: str, path: Path) -> Path:
     return path
 
 
+def plot_scatter(runs: list[Run], x_key: str, y_key: str, path: Path) -> Path:
+    """Best val loss as the colour of one point per run over two parameters (for values drawn from a range); runs
+    without a val loss are grey crosses, the best one ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    placed = [r for r in runs if _placed(r, x_key, y_key)]
+    done = [r for r in placed if r.status == "ok" and _finite(r.best_val_loss)]
+    others = [r for r in placed if not (r.status == "ok" and _finite(r.best_val_loss))]
+    best = best_run(runs)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    if done:
+        points = ax.scatter([r.value(x_key) for r in done], [r.value(y_key) for r in done], s=60,
+                            c=[r.best_val_loss for r in done], cmap="RdYlGn_r")
+        fig.colorbar(points, ax=ax, label="best val loss")
+        for r in done:
+            ax.annotate(_fmt(r.best_val_loss, 3), (r.value(x_key), r.value(y_key)), textcoords="offset points",
+                        xytext=(5, 5), fontsize=7)
+    if others:
+        ax.scatter([r.value(x_key) for r in others], [r.value(y_key) for r in others], marker="x", color="grey",
+                   label="failed or incomplete")
+        ax.legend(fontsize=8)
+    if _placed(best, x_key, y_key):
+        ax.scatter([best.value(x_key)], [best.value(y_key)], s=220, facecolors="none", edgecolors="black",
+                   linewidths=2)
+    for key, axis, set_scale in ((x_key, ax.xaxis, ax.set_xscale), (y_key, ax.yaxis, ax.set_yscale)):
+        _scatter_axis(placed, key, axis, set_scale)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(y_key)
+    ax.set_title("best val loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def compare(paths: list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
-    """Write table.md, table.csv, val_loss.png (and heatmap.png for two varying parameters); returns the paths."""
+    """Write table.md, table.csv, val_loss.png (and heatmap.png for two varying parameters: a grid, or a scatter when
+    one takes values from a range); returns the paths."""
     runs = load_runs(paths)
     out = Path(out_dir) if out_dir else Path(os.path.commonpath([r.path for r in runs])) / "compare"
     written = [*write_table(runs, out, "table"), plot_val_curves(runs, out / "val_loss.png")]
     keys = varying_keys(runs)
     if len(runs) > 1 and len(keys) == 2:
-        written.append(plot_heatmap(runs, keys[0], keys[1], out / "heatmap.png"))
+        plot = plot_scatter if any(is_continuous(runs, k) for k in keys) else plot_heatmap
+        written.append(plot(runs, keys[0], keys[1], out / "heatmap.png"))
     return written
 
 
