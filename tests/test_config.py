@@ -88,9 +88,12 @@ def test_text_data_without_path_says_how_to_fix():
     ("optimizer.lr=-1", "invalid optimizer.lr=-1.0: must be > 0"),
     ("optimizer.lrr=1", "unknown config key 'optimizer.lrr'"),
     ("trainer.batch_size=big", "invalid value for 'trainer.batch_size'"),
+    ("+trainer.max_iter=5", "unknown config key 'trainer.max_iter' (added with +)"),
+    ("sweep=lr_depth", "sweep=lr_depth declares a sweep: run it with -m"),
+    ("-m --cfg=job", "drop one of them"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), override, f"paths.log_dir={tmp_path}"],
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *override.split(), f"paths.log_dir={tmp_path}"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

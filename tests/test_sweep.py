@@ -85,6 +85,16 @@ def test_a_sweep_into_a_used_directory_is_refused_and_a_changed_grid_does_not_co
     assert files(sweep / "0") == before  # neither continued nor relabelled: its records are those of lr=0.003
 
 
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="Slurm is installed here: the sweep would be submitted")
+def test_a_slurm_sweep_without_slurm_is_one_line_and_writes_nothing(tmp_path):
+    proc = multirun(tmp_path, "hydra/launcher=slurm", "hydra.launcher.partition=p", "optimizer.lr=3e-4,6e-4",
+                    returncode=2)
+    assert proc.stderr.strip().splitlines() == [
+        "error: hydra/launcher=slurm needs Slurm (no srun on PATH): start the sweep on the cluster, or try it on this "
+        "machine with hydra/launcher=submitit_local"]
+    assert not (tmp_path / "logs").exists()
+
+
 def test_yaml_sweep_declares_the_lr_depth_grid():
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

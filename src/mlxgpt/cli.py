@@ -47,6 +47,8 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, (HydraException, OmegaConfBaseException)):
         return one_line(exc)
     if _raised_in_hydra(exc):  # Hydra fails on some overrides (`callbacks=null`, `trainer=[0]`) with a plain error
+        if "Only one of --run, --multirun" in str(exc):
+            return f"{one_line(exc)}: -m with --cfg/--info shows nothing to run; drop one of them"
         return (f"invalid override ({type(exc).__name__}: {one_line(exc)}); a config group takes one option name, "
                 f"e.g. model=nano")
     return None

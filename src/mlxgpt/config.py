@@ -182,8 +182,22 @@ def validate_sample(cfg: DictConfig, script: str = "sample.py") -> None:
     _check(cfg.top_k is None or cfg.top_k >= 1, "top_k", cfg.top_k, "must be >= 1 or null", script)
 
 
+TYPED_GROUPS = ("model", "data", "optimizer", "schedule", "trainer", "logger", "paths")
+
+
+def _added_keys(cfg: DictConfig) -> list[str]:
+    """Keys of the typed groups that their schemas lack (`+trainer.max_iter=5` adds one past the schema's check)."""
+    schema = OmegaConf.structured(Config)
+    return [f"{group}.{key}" for group in TYPED_GROUPS if group in cfg
+            for key in cfg[group] if key not in schema[group]]
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and consistency checks the types cannot express; raises UserError naming the key and the fix."""
+    added = _added_keys(cfg)
+    if added:
+        raise UserError(f"unknown config key '{added[0]}' (added with +); check the spelling, `--cfg job` lists "
+                        f"every key")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         _check(value in allowed, key, value, f"must be one of {', '.join(allowed)}")

@@ -228,6 +228,10 @@ class PreflightCheck(HydraCallback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         with _exit_on_user_error():
             validate(config)
+            for group in ("sweep", "hparams_search"):
+                if config.hydra.runtime.choices.get(group):
+                    raise UserError(f"{group}={config.hydra.runtime.choices[group]} declares a sweep: run it with "
+                                    f"-m (python train.py -m {group}=...)")
             t, run_dir = config.trainer, Path(config.hydra.run.dir)
             ckpt = check_start(t, run_dir, config.init_from)
             if ckpt is not None:
@@ -244,6 +248,9 @@ class PreflightCheck(HydraCallback):
         """A sweep into a directory whose jobs have checkpoints continues them (trainer.resume=auto) or is refused
         whole, before any job rewrites one of them."""
         with _exit_on_user_error():
+            if "Slurm" in str(config.hydra.launcher.get("_target_")) and shutil.which("srun") is None:
+                raise UserError("hydra/launcher=slurm needs Slurm (no srun on PATH): start the sweep on the cluster, "
+                                "or try it on this machine with hydra/launcher=submitit_local")
             sweep_dir = Path(config.hydra.sweep.dir)
             used = sorted(d for d in sweep_dir.glob("*") if checkpoint.latest(d / "checkpoints") is not None)
             if used and config.trainer.resume != "auto":

@@ -107,6 +107,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = Non
           f"{data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens; context {block_size}")
 
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.max_iters)
+    if cfg.schedule.warmup_iters >= t.max_iters and not t.eval_only:
+        print(f"mlxgpt: warning: schedule.warmup_iters={cfg.schedule.warmup_iters} >= trainer.max_iters={t.max_iters}: "
+              f"the learning rate never reaches optimizer.lr={cfg.optimizer.lr:g} (lower schedule.warmup_iters)")
     optimizer = build_optimizer(cfg.optimizer, schedule)
     callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()] + list(extra_callbacks)
     if cfg.logger.name == "wandb":
