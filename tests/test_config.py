@@ -91,6 +91,7 @@ def test_text_data_without_path_says_how_to_fix():
     ("+trainer.max_iter=5", "unknown config key 'trainer.max_iter' (added with +)"),
     ("sweep=lr_depth", "sweep=lr_depth declares a sweep: run it with -m"),
     ("-m --cfg=job", "drop one of them"),
+    ("data.path=~/x/*.txt", "cannot parse the override 'data.path=~/x/*.txt'"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *override.split(), f"paths.log_dir={tmp_path}"],

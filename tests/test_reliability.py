@@ -210,7 +210,8 @@ def test_kill_9_at_several_points_also_mid_checkpoint_write_then_resume_is_ident
     """A checkpoint every 2 iterations of a model whose checkpoint takes milliseconds to write: a kill the moment a
     temporary checkpoint directory appears lands in the middle of a write."""
     mid = ["model.n_embd=128", "model.n_head=4", "trainer.batch_size=2", "trainer.eval_iters=1",
-           "trainer.eval_interval=2", "trainer.log_interval=1", "callbacks.checkpoint.keep=1", "trainer.max_iters=40"]
+           "trainer.eval_interval=2", "trainer.log_interval=1", "callbacks.checkpoint.keep=1", "trainer.max_iters=400"]
+    # long enough that no attempt finishes it (continuing a finished run does nothing, so there would be nothing to kill)
     train(work, "kill_reference", *mid)
     ckpts = run_dir(work, "kill") / "checkpoints"
     mid_write_kills, rng = 0, np.random.default_rng(0)
@@ -448,6 +449,15 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(bad_input_results, 
     assert set(BAD_INPUTS) == set(cases)
     assert_one_line_error(results[name], cases[name][1])
     assert unchanged.get(name, True)
+
+
+@pytest.mark.slow
+def test_continuing_a_finished_run_does_nothing_and_writes_nothing(work, base):
+    finished = copy_run(work, base, "finished")
+    before = snapshot(finished)
+    proc = train(work, "finished", "trainer.resume=auto", "trainer.max_iters=20")
+    assert "already trained 20 iterations (trainer.max_iters=20): nothing to do" in proc.stdout
+    assert snapshot(finished) == before
 
 
 @pytest.mark.slow

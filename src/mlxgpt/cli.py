@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import hydra
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from mlxgpt.errors import UserError
@@ -27,6 +27,9 @@ def _causes(exc: BaseException | None):
 
 def one_line(exc: BaseException) -> str:
     """One line for a Hydra/OmegaConf error: the option or key at fault and how to fix it."""
+    if isinstance(exc, OverrideParseException):
+        return (f"cannot parse the override {exc.override!r} (Hydra's override grammar); quote a value with special "
+                f"characters, e.g. 'data.path=\"~/books/*.txt\"'")
     if isinstance(exc, MissingConfigException) and exc.options:
         group, _, name = (exc.missing_cfg_file or "").rpartition("/")
         return f"no option '{name}' in config group '{group}'; available: {', '.join(sorted(exc.options))}"

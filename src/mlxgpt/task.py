@@ -34,6 +34,14 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+class AlreadyFinished(Exception):
+    """A continued run that has no iteration left (a finished job of a continued sweep)."""
+
+    def __init__(self, message: str, best_val_loss: float):
+        super().__init__(message)
+        self.best_val_loss = best_val_loss
+
+
 def train(cfg: DictConfig) -> float:
     """Run one job. In a multirun a failing job is recorded (result.json) and the sweep goes on."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -42,6 +50,11 @@ def train(cfg: DictConfig) -> float:
         if is_main_process():
             lock_run_dir(run_dir)  # a single run holds it since PreflightCheck; a multirun job takes it here
         summary = _train(cfg, run_dir, multirun)
+    except AlreadyFinished as e:  # nothing done: the run's records stay as they were
+        print(f"mlxgpt: {e}")
+        if holds_lock(run_dir):
+            settle_records(run_dir, failed=True)
+        return e.best_val_loss
     except Interrupted as e:
         _write_failure(run_dir, {"status": "interrupted", "iter": e.iteration})
         if is_main_process():
@@ -76,6 +89,12 @@ def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
     resume_from = check_start(t, run_dir, cfg.init_from)  # again for multirun jobs (PreflightCheck: single runs)
     if multirun and resume_from is not None:
         check_same_job(run_dir, list(HydraConfig.get().overrides.task))
+    if resume_from is not None and not t.eval_only:
+        state = checkpoint.read_state(resume_from)
+        if state["iter"] >= t.max_iters:
+            raise AlreadyFinished(f"{run_dir} already trained {state['iter']} iterations (trainer.max_iters="
+                                  f"{t.max_iters}): nothing to do; raise trainer.max_iters to continue it",
+                                  math.inf if state.get("best_val_loss") is None else state["best_val_loss"])
     if t.resume == "auto" and not t.eval_only and is_main_process():
         print("mlxgpt: trainer.resume=auto: " + (f"continuing from {resume_from}" if resume_from else
                                                   f"no checkpoint in {run_dir}, starting a new run"))
