@@ -19,9 +19,12 @@ def main(cfg: DictConfig) -> None:
     if cfg.format != "hf":
         raise UserError(f"invalid format={cfg.format}: the supported format is hf")
     validate_sample(cfg, "export.py")
-    model, _, state = load_model(cfg.checkpoint, cfg.which)
-    out = export_hf(model, cfg.out, overwrite=cfg.overwrite)
+    model, tokenizer, state = load_model(cfg.checkpoint, cfg.which)
+    out = export_hf(model, cfg.out, overwrite=cfg.overwrite, tokenizer_meta=tokenizer.to_meta())
     print(f"exported iteration {state['iter']} of {cfg.checkpoint} to {out} (Hugging Face GPT-2 format)")
+    if tokenizer.name == "char":
+        print(f"its {tokenizer.vocab_size}-character vocabulary is in config.json (mlxgpt_tokenizer): Hugging Face "
+              f"tokenizers do not know it; `init_from={out}` does")
 
 
 if __name__ == "__main__":

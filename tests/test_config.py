@@ -92,6 +92,7 @@ def test_text_data_without_path_says_how_to_fix():
     ("sweep=lr_depth", "sweep=lr_depth declares a sweep: run it with -m"),
     ("-m --cfg=job", "drop one of them"),
     ("data.path=~/x/*.txt", "cannot parse the override 'data.path=~/x/*.txt'"),
+    ("callbacks=[default,early_stop]", "no option 'early_stop' in config group 'callbacks'; available: checkpoint,"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *override.split(), f"paths.log_dir={tmp_path}"],

@@ -72,11 +72,13 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     exported = run(["export.py", f"checkpoint={run_dir}", "format=hf", f"out={tmp_path}/hf"], tmp_path)
     assert "exported iteration 60" in exported.stdout
     assert (tmp_path / "hf/config.json").is_file() and (tmp_path / "hf/model.safetensors").is_file()
+    vocabulary = json.loads((run_dir / "checkpoints/last/state.json").read_text())["tokenizer"]
+    assert json.loads((tmp_path / "hf/config.json").read_text())["mlxgpt_tokenizer"] == vocabulary
     again = run(["export.py", f"checkpoint={run_dir}", f"out={tmp_path}/hf"], tmp_path, check=False)
     assert again.returncode == 2 and again.stderr.count("\n") == 1  # refuses to overwrite, one line
     hf_init = run(["train.py", *TINY, f"init_from={tmp_path}/hf", "trainer.eval_only=true",
                    f"paths.log_dir={tmp_path}/logs", "run_name=hf"], tmp_path)
-    assert "eval only" in hf_init.stdout
+    assert "eval only" in hf_init.stdout and "-character vocabulary of" in hf_init.stdout
 
     ev = run(["train.py", *TINY, f"init_from={run_dir}", "trainer.eval_only=true", f"paths.log_dir={tmp_path}/logs",
               "run_name=e"], tmp_path)
@@ -92,7 +94,6 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
               "trainer.max_iters=10", "trainer.eval_interval=10", f"paths.log_dir={tmp_path}/logs", "run_name=ft"],
              tmp_path)
     assert "character vocabulary of" in ft.stdout
-    vocabulary = json.loads((run_dir / "checkpoints/last/state.json").read_text())["tokenizer"]
     ft_dir = tmp_path / "logs/runs/ft"
     assert json.loads((ft_dir / "checkpoints/last/state.json").read_text())["tokenizer"] == vocabulary
     assert records(ft_dir, "eval")[0]["val/loss"] < math.log(len(vocabulary["chars"])) - 0.5  # ids kept their meaning

@@ -179,7 +179,11 @@ def _complete_safetensors(path: Path) -> bool:
 def check_model(ckpt: Path, state: dict, model_cfg: Mapping) -> None:
     """UserError unless the checkpoint's model has the sizes in `model_cfg` (None values are not compared)."""
     saved = state.get("model_config") or {}
-    if any(model_cfg.get(k) is not None and saved.get(k) != model_cfg.get(k) for k in MODEL_KEYS):
+    differ = [k for k in MODEL_KEYS if model_cfg.get(k) is not None and saved.get(k) != model_cfg.get(k)]
+    if differ == ["vocab_size"] and state.get("tokenizer", {}).get("name") == "char":
+        raise UserError(f"checkpoint {ckpt} has a {saved.get('vocab_size')}-character vocabulary, this data "
+                        f"{model_cfg.get('vocab_size')} characters: continue it on the data it was trained on")
+    if differ:
         raise UserError(f"checkpoint {ckpt} is for a different model ({_size(saved)}) than this config "
                         f"({_size(model_cfg)}); use the checkpoint's model settings or start a new run")
 

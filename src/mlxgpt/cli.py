@@ -30,9 +30,11 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OverrideParseException):
         return (f"cannot parse the override {exc.override!r} (Hydra's override grammar); quote a value with special "
                 f"characters, e.g. 'data.path=\"~/books/*.txt\"'")
-    if isinstance(exc, MissingConfigException) and exc.options:
-        group, _, name = (exc.missing_cfg_file or "").rpartition("/")
-        return f"no option '{name}' in config group '{group}'; available: {', '.join(sorted(exc.options))}"
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        options = exc.options or [p.stem for p in (Path(sys.argv[0]).parent / "conf" / group).glob("*.yaml")]
+        if options:
+            return f"no option '{name}' in config group '{group}'; available: {', '.join(sorted(options))}"
     for cause in _causes(exc):
         if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
             reason = (cause.msg or str(cause)).splitlines()[0]

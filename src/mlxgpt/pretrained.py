@@ -113,8 +113,9 @@ def _sizes_text(sizes: dict) -> str:
     return "n_layer={n_layer} n_head={n_head} n_embd={n_embd}".format(**sizes)
 
 
-def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write `config.json` + `model.safetensors` that transformers loads as GPT2LMHeadModel; returns out_dir."""
+def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenizer_meta: dict | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` that transformers loads as GPT2LMHeadModel; returns out_dir. A char
+    model's vocabulary goes into config.json as `mlxgpt_tokenizer` (init_from=<that dir> tokenizes with it)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; export_hf needs a directory")
@@ -150,6 +151,15 @@ def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False) -> Path:
         "eos_token_id": eos,
         "torch_dtype": str(model.wte.weight.dtype).removeprefix("mlx.core."),
     }
+    if tokenizer_meta and tokenizer_meta.get("name") == "char":
+        hf_config["mlxgpt_tokenizer"] = tokenizer_meta
     mx.save_safetensors(str(out / WEIGHTS_FILE), mlxgpt_to_hf(params), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     return out
+
+
+def exported_char_vocabulary(path: str | Path) -> str | None:
+    """The characters of a char model exported by export_hf (None for any other directory)."""
+    config = Path(path) / CONFIG_FILE
+    meta = json.loads(config.read_text()).get("mlxgpt_tokenizer") if config.is_file() else None
+    return meta["chars"] if meta and meta.get("name") == "char" else None

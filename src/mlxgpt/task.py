@@ -164,15 +164,21 @@ def _build_model(cfg: DictConfig, tokenizer) -> GPT:
 
 
 def _use_init_char_vocabulary(cfg: DictConfig) -> None:
-    """Fine-tuning a char-level checkpoint: tokenize the data with its characters (data.chars), so ids keep meaning."""
-    if (not cfg.init_from or cfg.init_from in PRETRAINED or _is_hf_dir(cfg.init_from) or cfg.data.tokenizer != "char"
-            or cfg.data.chars is not None):
+    """Fine-tuning a char-level model (a checkpoint, or its export): tokenize the data with its characters
+    (data.chars), so ids keep their meaning."""
+    if not cfg.init_from or cfg.init_from in PRETRAINED or cfg.data.tokenizer != "char" or cfg.data.chars is not None:
         return
-    ckpt = checkpoint.resolve_best(cfg.init_from)
-    saved = checkpoint.read_state(ckpt).get("tokenizer") or {}
-    if saved.get("name") == "char":
-        cfg.data.chars = saved["chars"]
-        print(f"mlxgpt: tokenizing the data with the {len(saved['chars'])}-character vocabulary of {ckpt}")
+    if _is_hf_dir(cfg.init_from):
+        from mlxgpt.pretrained import exported_char_vocabulary
+
+        source, chars = cfg.init_from, exported_char_vocabulary(cfg.init_from)
+    else:
+        source = checkpoint.resolve_best(cfg.init_from)
+        saved = checkpoint.read_state(source).get("tokenizer") or {}
+        chars = saved["chars"] if saved.get("name") == "char" else None
+    if chars:
+        cfg.data.chars = chars
+        print(f"mlxgpt: tokenizing the data with the {len(chars)}-character vocabulary of {source}")
 
 
 def _is_hf_dir(path: str | None) -> bool:
