@@ -26,13 +26,17 @@ def python(script: str, *args: str, cwd: Path, check: bool = True, **env_vars: s
     return proc
 
 
+def sweep(tmp_path_factory, name: str, *overrides: str) -> Path:
+    """`train.py -m <overrides>` into logs/<name> of a fresh directory; returns that sweep dir."""
+    tmp = tmp_path_factory.mktemp(f"compare_{name}")
+    python("train.py", "-m", *TINY, f"paths.log_dir={tmp}/logs", f"hydra.sweep.dir=logs/{name}", *overrides, cwd=tmp)
+    return tmp / "logs" / name
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory) -> Path:
     """A 2x2 multirun (lr x depth) without W&B; returns its sweep dir."""
-    tmp = tmp_path_factory.mktemp("compare_grid")
-    python("train.py", "-m", *TINY, f"paths.log_dir={tmp}/logs", "hydra.sweep.dir=logs/grid",
-           "optimizer.lr=1e-3,1e-2", "model.n_layer=1,2", cwd=tmp)
-    return tmp / "logs" / "grid"
+    return sweep(tmp_path_factory, "grid", "optimizer.lr=1e-3,1e-2", "model.n_layer=1,2")
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +59,7 @@ def mixed(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def search(tmp_path_factory) -> Path:
     """A 6-trial Optuna search (lr from a range, depth from 2, 4, 6); returns its sweep dir."""
-    tmp = tmp_path_factory.mktemp("compare_search")
-    python("train.py", "-m", *TINY, f"paths.log_dir={tmp}/logs", "hydra.sweep.dir=logs/search",
-           "hparams_search=lr_depth_optuna", "hydra.sweeper.n_trials=6", cwd=tmp)
-    return tmp / "logs" / "search"
+    return sweep(tmp_path_factory, "search", "hparams_search=lr_depth_optuna", "hydra.sweeper.n_trials=6")
 
 
 def lowest_val_loss_run(sweep_dir: Path) -> str:
