@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxgpt.compare import is_continuous, load_runs, tick_label, varying_keys
+from mlxgpt.compare import find_run_dirs, is_continuous, load_runs, tick_label, varying_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=nano", "model.n_embd=32", "model.block_size=32", "trainer.batch_size=4", "trainer.max_iters=10",
@@ -148,3 +148,10 @@ def test_a_search_is_drawn_as_a_scatter_with_short_tick_labels(search, grid, tmp
         assert len(label.replace(".", "").lstrip("0").split("e")[0]) <= 3 and float(label) == pytest.approx(lr, 5e-3)
     python("compare.py", str(search), "--out", str(tmp_path), cwd=tmp_path)
     assert (tmp_path / "heatmap.png").read_bytes().startswith(PNG)
+
+
+def test_copies_of_records_in_hidden_folders_are_not_runs(tmp_path):
+    for run in ("sweep/0", "sweep/0/.previous_attempt"):  # a continued job's kept records
+        (tmp_path / run / ".hydra").mkdir(parents=True)
+        (tmp_path / run / ".hydra" / "config.yaml").write_text("run_name: x\n")
+    assert find_run_dirs([tmp_path / "sweep"]) == [tmp_path / "sweep" / "0"]

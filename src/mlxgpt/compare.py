@@ -79,12 +79,14 @@ def _finite(x: Any) -> bool:
 
 
 def find_run_dirs(paths: list[str | Path]) -> list[Path]:
-    """Run directories (those with .hydra/config.yaml) at or below each path, in natural order (2 before 10)."""
+    """Run directories (those with .hydra/config.yaml) at or below each path, in natural order (2 before 10); none
+    inside a hidden folder (a run's `.previous_attempt/` keeps copies of its records)."""
     found: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
             raise UserError(f"{p} is not a directory: pass run directories or a sweep directory")
-        found += [c.parent.parent for c in p.rglob(".hydra/config.yaml")]
+        runs = (c.parent.parent for c in p.rglob(".hydra/config.yaml"))
+        found += [r for r in runs if not any(part.startswith(".") for part in r.relative_to(p).parts)]
     return sorted(set(found), key=_natural)
 
 
