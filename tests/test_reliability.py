@@ -83,10 +83,11 @@ def losses(path: Path) -> list[tuple]:
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
-    """Every file under path (symlinks as their targets) but the lock file (it names its latest holder): to prove
-    that nothing was written."""
+    """Every file under path (symlinks as their targets) but the lock file (it names its latest holder) and the job
+    log (each attempt appends to it): to prove that nothing was written."""
     return {str(p.relative_to(path)): os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
-            for p in sorted(path.rglob("*")) if (p.is_symlink() or p.is_file()) and p.name != ".lock"}
+            for p in sorted(path.rglob("*"))
+            if (p.is_symlink() or p.is_file()) and p.name not in (".lock", "train.log")}
 
 
 def copy_run(work: Path, source: Path, name: str) -> Path:
@@ -268,7 +269,7 @@ def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_says_what_to_t
     assert "optimizer.lr=1e+29 (now 1e+30)" in error and "trainer.resume=auto" in error
     assert snapshot(path / "checkpoints") == before  # nothing was saved after the loss went bad
     if on_nan == "skip":  # the NaN steps were skipped; the evaluation at 30 found the weights themselves broken
-        assert "skipped iteration 21" in proc.stdout and "the evaluation loss" in error
+        assert "skipped iteration 21" in proc.stderr and "the evaluation loss" in error
     else:
         assert "skipped" not in proc.stdout and "trainer.on_nan=skip" in error
 
@@ -454,10 +455,12 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(bad_input_results, 
 @pytest.mark.slow
 def test_continuing_a_finished_run_does_nothing_and_writes_nothing(work, base):
     finished = copy_run(work, base, "finished")
-    before = snapshot(finished)
+    before, log = snapshot(finished), (finished / "train.log").read_text()
     proc = train(work, "finished", "trainer.resume=auto", "trainer.max_iters=20")
     assert "already trained 20 iterations (trainer.max_iters=20): nothing to do" in proc.stdout
     assert snapshot(finished) == before
+    after = (finished / "train.log").read_text()  # the attempt is appended to the run's log, which keeps its past
+    assert after.startswith(log) and "nothing to do" in after[len(log):]
 
 
 @pytest.mark.slow

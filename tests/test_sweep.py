@@ -29,9 +29,9 @@ def multirun(tmp: Path, *overrides: str, returncode: int = 0) -> subprocess.Comp
 
 
 def files(path: Path) -> dict[str, bytes]:
-    """Every file under path but lock files (they name their latest holder)."""
+    """Every file under path but lock files (they name their latest holder) and job logs (each attempt appends)."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and not p.is_symlink() and p.name != ".lock"}
+            if p.is_file() and not p.is_symlink() and p.name not in (".lock", "train.log")}
 
 
 def result(run_dir: Path) -> dict:

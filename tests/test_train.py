@@ -54,6 +54,9 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
     assert "sample after 60 iterations" in proc.stdout and "device cpu" in proc.stdout
     assert "n_layer: 2" in proc.stdout  # the resolved config tree is printed
+    log = (run_dir / "train.log").read_text()  # the console's messages, with time and level, and every log line
+    assert "[INFO] mlxgpt: device cpu" in log and "iter 60: train loss" in log and "sample after 60" in log
+    assert "iter 55: loss " in log and "tok/s " in log and "iter 55: loss" not in proc.stdout
     train = records(run_dir, "train")
     assert all(r["tok_per_s"] > 0 and r["mfu"] is not None for r in train)
 

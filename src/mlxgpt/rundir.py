@@ -215,10 +215,14 @@ def is_main_process() -> bool:
 
 
 def write_nothing(config: DictConfig) -> None:
-    """Hydra writes no `.hydra/` and no job log for this process (another rank of rank 0's distributed run)."""
+    """Hydra writes no `.hydra/` and no job log file for this process (another rank of rank 0's distributed run)."""
     with read_write(config.hydra), open_dict(config.hydra):
         config.hydra.output_subdir = None
-        config.hydra.job_logging = {"version": 1, "root": None, "disable_existing_loggers": False}  # Hydra: none
+        job_logging = config.hydra.job_logging  # its console stays: this rank's messages and errors still show
+        if job_logging.get("handlers"):
+            job_logging.handlers.pop("file", None)
+        if job_logging.get("root") and job_logging.root.get("handlers"):
+            job_logging.root.handlers = [h for h in job_logging.root.handlers if h != "file"]
 
 
 class PreflightCheck(HydraCallback):

@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlxgpt import checkpoint, device
 from mlxgpt.callbacks.base import Callback
-from mlxgpt.cli import fail, report_failed_jobs
+from mlxgpt.cli import EXIT_USER_ERROR, report_failed_jobs
 from mlxgpt.config import validate
 from mlxgpt.data import load_data
 from mlxgpt.errors import UserError
 from mlxgpt.interrupt import Interrupted
+from mlxgpt.log import FILE_ONLY, log
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
 from mlxgpt.rundir import (check_same_job, check_start, holds_lock, is_main_process, lock_run_dir, resume_command,
@@ -51,7 +52,7 @@ def train(cfg: DictConfig) -> float:
             lock_run_dir(run_dir)  # a single run holds it since PreflightCheck; a multirun job takes it here
         summary = _train(cfg, run_dir, multirun)
     except AlreadyFinished as e:  # nothing done: the run's records stay as they were
-        print(f"mlxgpt: {e}")
+        log.info(f"mlxgpt: {e}")
         if holds_lock(run_dir):
             settle_records(run_dir, failed=True)
         return e.best_val_loss
@@ -59,18 +60,20 @@ def train(cfg: DictConfig) -> float:
         _write_failure(run_dir, {"status": "interrupted", "iter": e.iteration})
         if is_main_process():
             saved = checkpoint.latest(run_dir / "checkpoints")
-            print(f"mlxgpt: {e}; {f'latest checkpoint {saved}' if saved else 'no checkpoint saved'}; continue with: "
-                  f"{resume_command(cfg.run_name, multirun)}", file=sys.stderr)
+            log.warning(f"mlxgpt: {e}; {f'latest checkpoint {saved}' if saved else 'no checkpoint saved'}; continue "
+                        f"with: {resume_command(cfg.run_name, multirun)}")
         sys.exit(e.exit_code)
     except BaseException as exc:
         e = _disk_error(exc) or exc
         _write_failure(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
         if multirun and isinstance(e, Exception):
             report_failed_jobs([run_dir.name])  # the sweep goes on, and exits 1 at its end
-            print(f"error: job failed: {e}" if isinstance(e, UserError) else traceback.format_exc(), file=sys.stderr)
+            log.error(f"error: job failed: {e}" if isinstance(e, UserError) else traceback.format_exc().rstrip())
             return math.inf  # optuna rejects NaN; the basic sweeper ignores the value
         if isinstance(e, UserError):
-            fail(str(e))  # one line, exit 2 (Hydra would add its own report)
+            log.error(f"error: {e}")  # one line (Hydra would add its own report)
+            sys.exit(EXIT_USER_ERROR)
+        log.error(traceback.format_exc().rstrip(), extra=FILE_ONLY)  # the console gets it from Python
         raise
     finally:
         unlock_run_dir(run_dir)
@@ -96,12 +99,12 @@ def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
                                   f"{t.max_iters}): nothing to do; raise trainer.max_iters to continue it",
                                   math.inf if state.get("best_val_loss") is None else state["best_val_loss"])
     if t.resume == "auto" and not t.eval_only and is_main_process():
-        print("mlxgpt: trainer.resume=auto: " + (f"continuing from {resume_from}" if resume_from else
-                                                  f"no checkpoint in {run_dir}, starting a new run"))
+        log.info("mlxgpt: trainer.resume=auto: " + (f"continuing from {resume_from}" if resume_from else
+                                                     f"no checkpoint in {run_dir}, starting a new run"))
     trainer = build_trainer(cfg, run_dir, resume_from)
     if t.eval_only:
         losses = trainer.evaluate()
-        print(f"mlxgpt: eval only: train loss {losses['train/loss']:.4f}, val loss {losses['val/loss']:.4f}")
+        log.info(f"mlxgpt: eval only: train loss {losses['train/loss']:.4f}, val loss {losses['val/loss']:.4f}")
         return {**losses, "best/val_loss": losses["val/loss"], "iter": trainer.iter}
     return trainer.fit()
 
@@ -111,24 +114,26 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = Non
     """Device, data, model, optimizer, callbacks and trainer of a run, as train.py builds them (bench.py too)."""
     t = cfg.trainer
     dev = device.select_device(t.device)
-    print(f"mlxgpt: device {device.describe()}; run dir {run_dir}")
+    log.info(f"mlxgpt: device {device.describe()}; run dir {run_dir}")
     if dev == mx.cpu and t.dtype != "float32":
-        print(f"mlxgpt: trainer.dtype={t.dtype} is slow on the CPU (no BLAS for half precision): training in float32")
+        log.warning(f"mlxgpt: trainer.dtype={t.dtype} is slow on the CPU (no BLAS for half precision): training in "
+                    f"float32")
         t.dtype = "float32"  # the run records what it computes in
     _use_init_char_vocabulary(cfg)
-    print(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info(OmegaConf.to_yaml(cfg, resolve=True).rstrip())
 
     data = load_data(cfg.data)
     block_size = t.block_size or cfg.model.block_size
     mx.random.seed(t.seed)  # the initial weights are a function of the seed
     model = _build_model(cfg, data.tokenizer)
-    print(f"mlxgpt: model {cfg.model.name}: {model.num_params() / 1e6:.2f}M parameters; "
-          f"{data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens; context {block_size}")
+    log.info(f"mlxgpt: model {cfg.model.name}: {model.num_params() / 1e6:.2f}M parameters; "
+             f"{data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens; context {block_size}")
 
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.max_iters)
     if cfg.schedule.warmup_iters >= t.max_iters and not t.eval_only:
-        print(f"mlxgpt: warning: schedule.warmup_iters={cfg.schedule.warmup_iters} >= trainer.max_iters={t.max_iters}: "
-              f"the learning rate never reaches optimizer.lr={cfg.optimizer.lr:g} (lower schedule.warmup_iters)")
+        log.warning(f"mlxgpt: warning: schedule.warmup_iters={cfg.schedule.warmup_iters} >= trainer.max_iters="
+                    f"{t.max_iters}: the learning rate never reaches optimizer.lr={cfg.optimizer.lr:g} (lower "
+                    f"schedule.warmup_iters)")
     optimizer = build_optimizer(cfg.optimizer, schedule)
     callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()] + list(extra_callbacks)
     if cfg.logger.name == "wandb":
@@ -159,7 +164,7 @@ def _build_model(cfg: DictConfig, tokenizer) -> GPT:
         checkpoint.check_model(ckpt, state, cfg.model)
         checkpoint.check_tokenizer(ckpt, state, tokenizer.to_meta())
         load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
-        print(f"mlxgpt: initialised from {ckpt}")
+        log.info(f"mlxgpt: initialised from {ckpt}")
     return model
 
 
@@ -178,7 +183,7 @@ def _use_init_char_vocabulary(cfg: DictConfig) -> None:
         chars = saved["chars"] if saved.get("name") == "char" else None
     if chars:
         cfg.data.chars = chars
-        print(f"mlxgpt: tokenizing the data with the {len(chars)}-character vocabulary of {source}")
+        log.info(f"mlxgpt: tokenizing the data with the {len(chars)}-character vocabulary of {source}")
 
 
 def _is_hf_dir(path: str | None) -> bool:

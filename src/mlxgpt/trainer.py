@@ -19,6 +19,7 @@ from mlxgpt.callbacks.base import Callback
 from mlxgpt.device import on_cpu
 from mlxgpt.errors import UserError
 from mlxgpt.interrupt import Interrupted, StopSignals
+from mlxgpt.log import log
 
 EVAL_SPLITS = ("train", "val")
 
@@ -49,7 +50,7 @@ class Trainer:
         if on_cpu():  # with 1 stream: OpenBLAS on all cores again, whatever an earlier trainer here had set
             blas.share_threads(self.streams)
         elif t.cpu_streams > 1 and self.is_main:
-            print(f"mlxgpt: trainer.cpu_streams={t.cpu_streams} applies on the CPU only; this run uses the GPU")
+            log.warning(f"mlxgpt: trainer.cpu_streams={t.cpu_streams} applies on the CPU only; this run uses the GPU")
         self.iter, self.tokens_seen = 0, 0
         self.best_val_loss = math.inf
         self.log_loss_sum, self.log_steps = 0.0, 0  # the train losses since the last log (saved: resume logs the same)
@@ -203,7 +204,7 @@ class Trainer:
             return loss, norm
         if self.cfg.trainer.on_nan == "skip" and not self._use_fused:
             if self.is_main:
-                print(f"mlxgpt: skipped iteration {self.iter}: non-finite loss/gradient ({loss}, {norm})")
+                log.warning(f"mlxgpt: skipped iteration {self.iter}: non-finite loss/gradient ({loss}, {norm})")
             return loss, norm
         raise self._diverged(f"the loss/gradient norm ({loss}, {norm})")
 

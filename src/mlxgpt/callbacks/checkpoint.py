@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import sys
 
 from mlxgpt import checkpoint
 from mlxgpt.callbacks.base import Callback, check_option
 from mlxgpt.errors import UserError
 from mlxgpt.interrupt import Interrupted
+from mlxgpt.log import log
 
 
 class CheckpointCallback(Callback):
@@ -40,7 +40,7 @@ class CheckpointCallback(Callback):
             try:
                 self.save(trainer, is_best=False)
             except UserError as e:
-                print(f"mlxgpt: warning: {e}", file=sys.stderr)
+                log.warning(f"mlxgpt: warning: {e}")
 
     def save(self, trainer, is_best: bool) -> None:
         if not trainer.is_main:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from mlxgpt.callbacks.base import Callback, check_option
+from mlxgpt.log import log
 
 
 class EarlyStoppingCallback(Callback):
@@ -23,5 +24,5 @@ class EarlyStoppingCallback(Callback):
         if self._bad >= self.patience:
             trainer.should_stop = True
             if trainer.is_main:
-                print(f"mlxgpt: early stopping at iteration {trainer.iter}: val loss has not improved for "
-                      f"{self.patience} evaluations (best {self._best:.4f})")
+                log.info(f"mlxgpt: early stopping at iteration {trainer.iter}: val loss has not improved for "
+                         f"{self.patience} evaluations (best {self._best:.4f})")

@@ -1,9 +1,10 @@
-"""A tqdm progress bar with loss, lr, tokens/s, MFU and ETA; eval results printed as lines."""
+"""A tqdm progress bar with loss, lr, tokens/s, MFU and ETA; eval results as lines (and every log line in train.log)."""
 from __future__ import annotations
 
 from tqdm.auto import tqdm
 
 from mlxgpt.callbacks.base import Callback, check_option
+from mlxgpt.log import FILE_ONLY, log
 
 
 class ProgressCallback(Callback):
@@ -27,21 +28,22 @@ class ProgressCallback(Callback):
             self._bar.update(1)
 
     def on_log(self, trainer, logs) -> None:
+        if not trainer.is_main:
+            return
+        post = {"loss": f"{logs['train/loss']:.4f}", "lr": f"{logs['lr']:.2e}"}
+        if "tok_per_s" in logs:
+            post["tok/s"] = f"{logs['tok_per_s']:.0f}"
+        if logs.get("mfu") is not None:
+            post["mfu"] = f"{100 * logs['mfu']:.1f}%"
+        log.info(f"iter {logs['iter']}: " + ", ".join(f"{k} {v}" for k, v in post.items()), extra=FILE_ONLY)
         if self._bar is not None:
-            post = {"loss": f"{logs['train/loss']:.4f}", "lr": f"{logs['lr']:.2e}"}
-            if "tok_per_s" in logs:
-                post["tok/s"] = f"{logs['tok_per_s']:.0f}"
-            if logs.get("mfu") is not None:
-                post["mfu"] = f"{100 * logs['mfu']:.1f}%"
             self._bar.set_postfix(post, refresh=False)
 
     def on_eval_end(self, trainer, logs) -> None:
         message = (f"iter {logs['iter']}: train loss {logs['train/loss']:.4f}, val loss {logs['val/loss']:.4f} "
                    f"(best {logs['best/val_loss']:.4f})")
-        if self._bar is not None:
-            self._bar.write(message)
-        elif trainer.is_main:
-            print(message)
+        if trainer.is_main:
+            log.info(message)  # above the bar
 
     def on_train_end(self, trainer, logs) -> None:
         self._close()

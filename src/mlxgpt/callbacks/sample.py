@@ -7,6 +7,7 @@ import mlx.core as mx
 
 from mlxgpt.callbacks.base import Callback, check_option
 from mlxgpt.errors import UserError
+from mlxgpt.log import log
 from mlxgpt.rundir import start_records
 
 RECORDS = "samples.jsonl"
@@ -47,7 +48,7 @@ class SampleCallback(Callback):
         if self.max_new_tokens > 0 and trainer.iter > 0:
             text = self.sample(trainer)
             if self.print_at_end and trainer.is_main:
-                print(f"\n--- sample after {trainer.iter} iterations (prompt {self.prompt!r}) ---\n{text}\n---")
+                log.info(f"\n--- sample after {trainer.iter} iterations (prompt {self.prompt!r}) ---\n{text}\n---")
 
     def sample(self, trainer) -> str:
         """Generate one sample (seeded by the iteration, so it never disturbs training randomness)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 import netrc
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -12,6 +11,7 @@ from urllib.parse import urlparse
 from omegaconf import OmegaConf
 
 from mlxgpt.callbacks.base import Callback
+from mlxgpt.log import log
 
 RUN_ID_KEY = "wandb_run_id"  # in trainer.extra_state, so a resumed run continues the same W&B run
 SECRET_KEY = re.compile(r"(api_?key|token|secret|password)$", re.IGNORECASE)
@@ -119,8 +119,8 @@ class WandbCallback(Callback):
         try:
             fn(*args)
         except Exception as e:
-            print(f"mlxgpt: warning: W&B logging stopped ({type(e).__name__}: {e}); training continues, "
-                  f"metrics.jsonl is still written", file=sys.stderr)
+            log.warning(f"mlxgpt: warning: W&B logging stopped ({type(e).__name__}: {e}); training continues, "
+                        f"metrics.jsonl is still written")
             run, self.run = self.run, None
             if run is not None:
                 try:
@@ -145,8 +145,8 @@ def resolve_mode(mode: str) -> str:
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if api_key_configured() else "offline")
     if mode == "online" and not api_key_configured():
-        print("mlxgpt: warning: W&B is set to online but no API key is configured (`wandb login` or "
-              "WANDB_API_KEY): logging offline; upload later with `wandb sync`", file=sys.stderr)
+        log.warning("mlxgpt: warning: W&B is set to online but no API key is configured (`wandb login` or "
+                    "WANDB_API_KEY): logging offline; upload later with `wandb sync`")
         return "offline"
     return mode
 
