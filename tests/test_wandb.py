@@ -68,6 +68,7 @@ def test_each_job_of_a_grid_is_its_own_wandb_run_in_one_group(grid):
         assert f"optimizer.lr={run.config['optimizer.lr']}" in overrides
         assert run.name == f"lr={run.config['optimizer.lr']},n_layer={run.config['model.n_layer']}"
         assert run.config["model.n_embd"] == 32 and run.config["trainer.max_iters"] == 10  # the whole resolved config
+        assert run.config["run_name"] == f"grid/{run_dir.name}"  # the job's directory, not a timestamp
         evals, logs = metrics(run_dir, "eval"), metrics(run_dir, "train")
         assert run.values("val/loss") == [e["val/loss"] for e in evals]  # iterations 0, 5, 10
         assert run.values("train/loss") == [r["train/loss"] for r in logs]

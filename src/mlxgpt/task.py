@@ -87,6 +87,8 @@ def train(cfg: DictConfig) -> float:
 
 def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
     validate(cfg)
+    if multirun:  # run_name (a timestamp) names no directory in a sweep: the job's directory names it
+        cfg.run_name = f"{run_dir.parent.name}/{run_dir.name}"
     mx.reset_peak_memory()  # memory_gb is per job, also in a multirun
     t = cfg.trainer
     resume_from = check_start(t, run_dir, cfg.init_from)  # again for multirun jobs (PreflightCheck: single runs)
