@@ -102,3 +102,16 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoints"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, shown, not_shown", [
+    ("train.py", ["train.py: train a GPT", "model: baby, gpt2_large", "optimizer:\n  name: adamw"], ["checkpoint: ???"]),
+    ("sample.py", ["sample.py: generate text", "checkpoint: ???", "top_k: 200"], ["model: baby", "optimizer"]),
+    ("export.py", ["export.py: write a run's weights", "out: ???", "overwrite: false"], ["model: baby", "optimizer"]),
+])
+def test_help_shows_each_scripts_own_options(script, shown, not_shown):
+    """--help: what the script is for, an example, and its own options (train.py: also its config groups)."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert all(s in proc.stdout for s in shown) and not any(s in proc.stdout for s in not_shown), proc.stdout
