@@ -229,8 +229,10 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         use_cache: bool = True,
+        vocab_size: int | None = None,
     ) -> Iterator[int]:
-        """Yield max_new_tokens sampled token ids after the prompt idx (1, T); temperature 0 is greedy.
+        """Yield max_new_tokens sampled token ids after the prompt idx (1, T); temperature 0 is greedy. Only ids below
+        vocab_size (the tokenizer's) are drawn: a padded vocabulary's extra ids are no tokens.
 
         The context is the last block_size tokens. With the cache the prompt is processed once and
         then one token per step; once the window slides, every position changes, so each further
@@ -243,10 +245,11 @@ class GPT(nn.Module):
                 f"bad sampling settings max_new_tokens={max_new_tokens} temperature={temperature} top_k={top_k}; "
                 "use max_new_tokens >= 0, temperature >= 0 (0 = greedy), top_k >= 1 or None"
             )
-        return self._generate(idx[0].tolist(), max_new_tokens, temperature, top_k, use_cache)
+        return self._generate(idx[0].tolist(), max_new_tokens, temperature, top_k, use_cache,
+                              vocab_size or self.config.vocab_size)
 
     def _generate(self, tokens: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
-                  use_cache: bool) -> Iterator[int]:
+                  use_cache: bool, vocab_size: int) -> Iterator[int]:
         """The sampling loop of generate (in eval mode; the previous mode comes back at the end)."""
         block_size = self.config.block_size
         was_training = self.training
@@ -261,7 +264,7 @@ class GPT(nn.Module):
                     h = self.hidden_states(mx.array([tokens[-block_size:]]), cache)
                 else:
                     h = self.hidden_states(mx.array([tokens[-1:]]), cache)
-                logits = self.wte.as_linear(h[:, -1]).astype(mx.float32)
+                logits = self.wte.as_linear(h[:, -1])[:, :vocab_size].astype(mx.float32)
                 token = _sample(logits, temperature, top_k).item()
                 tokens.append(token)
                 yield token

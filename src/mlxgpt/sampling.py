@@ -42,5 +42,5 @@ def sample(cfg) -> Iterator[str]:
     mx.random.seed(cfg.seed)
     for _ in range(cfg.num_samples):
         out = model.generate(mx.array([ids]), cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                             use_cache=cfg.use_cache)
+                             use_cache=cfg.use_cache, vocab_size=tokenizer.vocab_size)
         yield prompt + tokenizer.decode(list(out))

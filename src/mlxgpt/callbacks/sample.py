@@ -57,7 +57,7 @@ class SampleCallback(Callback):
         mx.random.seed(trainer.seed + trainer.iter)
         model.eval()
         ids = list(model.generate(mx.array([prompt_ids]), self.max_new_tokens, temperature=self.temperature,
-                                  top_k=self.top_k))
+                                  top_k=self.top_k, vocab_size=tokenizer.vocab_size))
         model.train()
         text = self.prompt + tokenizer.decode(ids)
         if trainer.is_main:
