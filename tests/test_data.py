@@ -224,6 +224,15 @@ def test_missing_or_damaged_prepared_data_is_refused_and_prepared_again(tmp_path
     assert prepare(cfg) == directory and TokenData(directory).num_tokens("train") > 1000
 
 
+def test_a_shard_overwritten_with_ids_outside_the_vocabulary_is_a_one_line_error(tmp_path):
+    (tmp_path / "t.txt").write_text("abcdefghij\n" * 100)
+    data = load_data(data_cfg(tmp_path, name="t", source="text", path=str(tmp_path / "t.txt")))
+    shard = data.directory / "train_000000.bin"
+    shard.write_bytes(b"\xff" * shard.stat().st_size)  # same size: only the ids tell (the model would read past wte)
+    with pytest.raises(UserError, match=r"^[^\n]*token id 65535, outside its 11-token vocabulary; delete .* and prepare again$"):
+        TokenData(data.directory).get_batch("train", 2, 8, (0,))
+
+
 # ---- Hugging Face corpora (local fixtures, same load_dataset code path as the hub) ----
 
 def test_hf_parquet_documents_end_with_eot_and_split_as_nanogpt(tmp_path, tiktoken_cache):

@@ -61,6 +61,9 @@ class TokenData:
             raise UserError(f"the {split} split of {self.meta['name']} has {n} tokens, fewer than block_size+1 = {block_size + 1}; lower trainer.block_size")
         starts = np.random.default_rng(key).integers(0, n - block_size, size=batch_size)
         rows = np.stack([self._read(split, int(s), block_size + 1) for s in starts]).astype(np.int32)
+        if rows.max() >= self.vocab_size:  # a damaged shard of the right size: the model would index past its table
+            raise UserError(f"the {split} split of {self.directory} holds token id {rows.max()}, outside its "
+                            f"{self.vocab_size}-token vocabulary; delete {self.directory} and prepare again")
         return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
 
     def _read(self, split: str, start: int, length: int) -> np.ndarray:
