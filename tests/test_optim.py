@@ -41,20 +41,26 @@ def test_constant_linear_wsd_shapes():
     assert wsd(mx.array(5)).item() == pytest.approx(1e-3 * 6 / 11)  # warmup
 
 
-def test_adamw_decays_only_matrices_and_is_bias_corrected():
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_weight_decay_only_on_matrices(name):
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    cfg = OmegaConf.create(dict(name="adamw", lr=0.1, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.5))
+    cfg = OmegaConf.create(dict(name=name, lr=0.1, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.5, momentum=0.9,
+                                nesterov=False))
     opt = build_optimizer(cfg, lambda step: mx.array(0.1))
     before = dict(tree_flatten(model.parameters()))
     zeros = tree_map(mx.zeros_like, model.parameters())
-    opt.update(model, zeros)  # zero gradient: only weight decay moves parameters
+    opt.update(model, zeros)  # zero gradient: only weight decay moves parameters (SGD: its first momentum is wd * p)
     after = dict(tree_flatten(model.parameters()))
     assert mx.allclose(after["layers.0.weight"], before["layers.0.weight"] * (1 - 0.1 * 0.5)).item()
-    for name in ("layers.0.bias", "layers.1.weight", "layers.1.bias"):
-        assert mx.array_equal(after[name], before[name]).item()
-    # bias-corrected Adam: the first step moves a parameter by ~lr * sign(grad)
-    model2 = nn.Linear(1, 1, bias=False)
-    opt2 = build_optimizer(OmegaConf.create({**cfg, "weight_decay": 0.0}), lambda step: mx.array(0.1))
-    w0 = model2.weight.item()
-    opt2.update(model2, {"weight": mx.array([[0.3]])})
-    assert w0 - model2.weight.item() == pytest.approx(0.1, rel=1e-4)
+    for key in ("layers.0.bias", "layers.1.weight", "layers.1.bias"):
+        assert mx.array_equal(after[key], before[key]).item()
+
+
+def test_adamw_is_bias_corrected():
+    """The first step moves a parameter by ~lr * sign(grad)."""
+    model = nn.Linear(1, 1, bias=False)
+    cfg = OmegaConf.create(dict(name="adamw", lr=0.1, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0))
+    opt = build_optimizer(cfg, lambda step: mx.array(0.1))
+    w0 = model.weight.item()
+    opt.update(model, {"weight": mx.array([[0.3]])})
+    assert w0 - model.weight.item() == pytest.approx(0.1, rel=1e-4)

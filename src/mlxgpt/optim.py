@@ -35,13 +35,15 @@ def build_schedule(cfg, lr: float, max_iters: int) -> Schedule:
 
 def build_optimizer(cfg, schedule: Schedule) -> optim.Optimizer:
     """AdamW/Adam/SGD; weight decay only on >= 2-D parameters (matmuls, embeddings), as nanoGPT."""
-    if cfg.name == "sgd":
-        return optim.SGD(schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     betas = list(cfg.betas)
     if cfg.name == "adam" and cfg.weight_decay == 0:
         return optim.Adam(schedule, betas=betas, eps=cfg.eps, bias_correction=True)
 
-    def adamw(weight_decay: float) -> optim.Optimizer:
+    def make(weight_decay: float) -> optim.Optimizer:
+        if cfg.name == "sgd":
+            return optim.SGD(schedule, momentum=cfg.momentum, weight_decay=weight_decay, nesterov=cfg.nesterov)
         return optim.AdamW(schedule, betas=betas, eps=cfg.eps, weight_decay=weight_decay, bias_correction=True)
 
-    return optim.MultiOptimizer([adamw(cfg.weight_decay), adamw(0.0)], [lambda path, p: p.ndim >= 2])
+    if cfg.name == "sgd" and cfg.weight_decay == 0:  # one group, whose state earlier SGD checkpoints hold
+        return make(0.0)
+    return optim.MultiOptimizer([make(cfg.weight_decay), make(0.0)], [lambda path, p: p.ndim >= 2])
