@@ -26,7 +26,9 @@ from mlxgpt.config import register_configs
 from mlxgpt.data import load_data
 from mlxgpt.data.sources import read_text
 from mlxgpt.errors import UserError
+from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
+from mlxgpt.pretrained import export_hf
 from mlxgpt.task import _build_model
 from mlxgpt.trainer import NonFiniteLoss, Trainer
 
@@ -360,6 +362,7 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
     forked = copy_run(work, base, "forked")
     evaluated, evaluated2 = copy_run(work, base, "evaluated"), copy_run(work, base, "evaluated2")
     sample = [sys.executable, str(ROOT / "sample.py"), "max_new_tokens=5"]
+    export_hf(GPT(GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=2, n_embd=32)), work / "bpe_export")
 
     def run(name: str, *extra: str) -> list[str]:
         return train_command(work, name, *extra)
@@ -387,6 +390,9 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
                                         "is for a different model", base),
         "init_from: not a checkpoint": (run("b13", f"init_from={work}/not_a_checkpoint"),
                                         "no checkpoint found", None),
+        "init_from: a GPT-2 (BPE) directory with char data": (run("b14", f"init_from={work}/bpe_export"),
+                                                               "trained with the gpt2 tokenizer, this data uses char",
+                                                               None),
         "resume: a failed attempt keeps the run's records": (
             run("failed_retry", "trainer.resume=auto", "data=text", "data.path=missing.txt"), "matches no file",
             failed_retry),
@@ -434,7 +440,7 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "block_size above the model's", "n_embd not divisible by n_head", "eval_iters 0", "bad callback option",
               "resume: missing", "resume: truncated", "resume: other model size", "resume: not a checkpoint",
               "init_from: missing", "init_from: truncated", "init_from: other model size",
-              "init_from: not a checkpoint",
+              "init_from: not a checkpoint", "init_from: a GPT-2 (BPE) directory with char data",
               "resume: a failed attempt keeps the run's records", "resume: another run's checkpoint into a used run",
               "eval_only: no weights to evaluate", "eval_only: into a used run",
               "callback option: evaluation interval 0", "callback option: patience not a number",

@@ -153,8 +153,11 @@ def _build_model(cfg: DictConfig, tokenizer) -> GPT:
     config = GPTConfig(block_size=m.block_size, vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head,
                        n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
     if cfg.init_from in PRETRAINED or _is_hf_dir(cfg.init_from):
-        from mlxgpt.pretrained import load_pretrained
+        from mlxgpt.pretrained import exported_char_vocabulary, load_pretrained
 
+        chars = exported_char_vocabulary(cfg.init_from) if _is_hf_dir(cfg.init_from) else None
+        saved = {"name": "char", "chars": chars} if chars else {"name": "gpt2"}  # GPT-2's own: BPE
+        checkpoint.check_tokenizer(cfg.init_from, {"tokenizer": saved}, tokenizer.to_meta())
         pre_config, weights = load_pretrained(cfg.init_from, config)
         model = GPT(pre_config)
         load_weights(model, weights, cfg.init_from)
