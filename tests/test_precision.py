@@ -13,6 +13,8 @@ from mlxgpt.config import register_configs
 from mlxgpt.data import load_data
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
+from mlxgpt.pretrained import export_hf
+from mlxgpt.task import build_trainer
 from mlxgpt.trainer import Trainer, mixed_precision_loss
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -54,3 +56,25 @@ def test_a_bfloat16_training_step_updates_float32_master_weights(tmp_path, monke
     after = model.parameters()["h"][0]["mlp"]["c_fc"]["weight"]
     assert loss > 0 and norm > 0 and not mx.array_equal(before, after)
     assert dtypes(model.parameters()) == {mx.float32} and dtypes(trainer.optimizer.state) <= {mx.float32, mx.uint64}
+
+
+def test_half_precision_pretrained_weights_become_float32_master_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    chars = "abcdefgh \n"
+    (tmp_path / "text.txt").write_text(chars * 50)
+    mx.random.seed(0)
+    half = GPT(GPTConfig(block_size=16, vocab_size=len(chars), n_layer=2, n_head=2, n_embd=32))
+    half.set_dtype(mx.float16)  # as a Hugging Face checkpoint saved in float16
+    export_hf(half, tmp_path / "hf", tokenizer_meta={"name": "char", "chars": chars})
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", ["model=nano", "model.n_embd=32", "model.block_size=16", "trainer.batch_size=2",
+                                 f"init_from={tmp_path}/hf", "data=text", f"data.path={tmp_path}/text.txt",
+                                 "logger=none"])
+    trainer = build_trainer(cfg, tmp_path / "run")
+    assert dtypes(trainer.model.parameters()) == {mx.float32}
+    assert mx.array_equal(trainer.model.wte.weight, half.wte.weight.astype(mx.float32))
+    trainer.iter = 10
+    trainer.train_step()
+    assert dtypes(trainer.model.parameters()) == {mx.float32}
+    assert dtypes(trainer.optimizer.state) <= {mx.float32, mx.uint64}

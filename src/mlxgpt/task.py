@@ -161,6 +161,7 @@ def _build_model(cfg: DictConfig, tokenizer) -> GPT:
         pre_config, weights = load_pretrained(cfg.init_from, config)
         model = GPT(pre_config)
         load_weights(model, weights, cfg.init_from)
+        model.set_dtype(mx.float32)  # the master weights, whatever the checkpoint's dtype (trainer.dtype computes)
         return model
     model = GPT(config)
     if cfg.init_from:
