@@ -459,6 +459,15 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(bad_input_results, 
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(mx.is_available(mx.gpu), reason="needs a machine without a GPU")
+def test_sample_on_a_gpu_without_one_names_its_own_option(work, base):
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"checkpoint={base}", "device=gpu"],
+                          capture_output=True, text=True, cwd=work, env=env(work), timeout=300)
+    assert_one_line_error(proc, "error: device=gpu but no GPU is available")
+    assert "use device=auto or cpu" in proc.stderr and "trainer." not in proc.stderr
+
+
+@pytest.mark.slow
 def test_continuing_a_finished_run_does_nothing_and_writes_nothing(work, base):
     finished = copy_run(work, base, "finished")
     before, log = snapshot(finished), (finished / "train.log").read_text()

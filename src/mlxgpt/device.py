@@ -22,12 +22,12 @@ NVIDIA_TFLOPS = {
 }
 
 
-def select_device(name: str) -> mx.Device:
-    """Make `auto|gpu|cpu` the default device; `gpu` without one is a UserError."""
+def select_device(name: str, key: str = "trainer.device") -> mx.Device:
+    """Make `auto|gpu|cpu` the default device; `gpu` without one is a UserError naming the option `key`."""
     has_gpu = mx.is_available(mx.gpu)
     if name == "gpu" and not has_gpu:
-        raise UserError("trainer.device=gpu but no GPU is available to MLX (Metal on a Mac, or mlx[cuda12] on "
-                        "NVIDIA); use trainer.device=auto or cpu")
+        raise UserError(f"{key}=gpu but no GPU is available to MLX (Metal on a Mac, or mlx[cuda12] on NVIDIA); "
+                        f"use {key}=auto or cpu")
     device = mx.gpu if (name == "gpu" or (name == "auto" and has_gpu)) else mx.cpu
     mx.set_default_device(device)
     if device == mx.gpu and mx.metal.is_available():

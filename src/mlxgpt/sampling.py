@@ -27,7 +27,7 @@ def load_model(path: str | Path, which: str = "best"):
 def sample(cfg) -> Iterator[str]:
     """Yield `cfg.num_samples` generations of `cfg.max_new_tokens` tokens after `cfg.prompt` (FILE:path reads a file)."""
     validate_sample(cfg)
-    device.select_device(cfg.device)
+    device.select_device(cfg.device, "device")
     model, tokenizer, _ = load_model(cfg.checkpoint, cfg.which)
     prompt = cfg.prompt
     if prompt.startswith("FILE:"):
