@@ -61,6 +61,8 @@ def test_gpt2_small_openwebtext_composes():
     ("schedule.name=exp", "schedule.name"),
     ("trainer.device=tpu", "trainer.device"),
     ("trainer.seed=-1", "trainer.seed"),
+    ("trainer.seed=18446744073709551616", "trainer.seed"),
+    ("data.split_seed=-1", "data.split_seed"),
     ("optimizer.lr=inf", "optimizer.lr"),
     ("data.chars=abca", "data.chars"),
     ("data.chars=", "data.chars"),

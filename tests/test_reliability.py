@@ -417,6 +417,9 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "sample: not a checkpoint": ([*sample, f"checkpoint={work}/foreign"], "is not an mlxgpt checkpoint", None),
         "sample: prompt longer than the context": ([*sample, f"checkpoint={base}", f"prompt={'a' * 40}"],
                                                    "longer than the model's context of 32", base),
+        "sample: negative seed": ([*sample, f"checkpoint={base}", "seed=-1"], "invalid seed=-1: must be >= 0", None),
+        "sample: seed past 64 bits": ([*sample, f"checkpoint={base}", "seed=18446744073709551616"],
+                                      "invalid seed=18446744073709551616", None),
     }
 
 
@@ -446,7 +449,7 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "callback option: evaluation interval 0", "callback option: patience not a number",
               "callback option: sample prompt outside the vocabulary", "sample: no checkpoint given", "sample: which",
               "sample: missing checkpoint", "sample: truncated checkpoint", "sample: not a checkpoint",
-              "sample: prompt longer than the context"]
+              "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits"]
 
 
 @pytest.mark.slow

@@ -165,6 +165,9 @@ CHOICES = {
 }
 
 
+SEED_LIMIT = 2**63  # MLX seeds are 64-bit unsigned; the sample callback adds the iteration to trainer.seed
+
+
 def _check(ok: bool, key: str, value: Any, need: str, script: str = "train.py") -> None:
     if not ok:
         raise UserError(f"invalid {key}={value}: {need} (override it, e.g. `python {script} {key}=...`)")
@@ -180,6 +183,7 @@ def validate_sample(cfg: DictConfig, script: str = "sample.py") -> None:
     _check(cfg.max_new_tokens >= 0, "max_new_tokens", cfg.max_new_tokens, "must be >= 0", script)
     _check(cfg.temperature >= 0, "temperature", cfg.temperature, "must be >= 0 (0 is greedy)", script)
     _check(cfg.top_k is None or cfg.top_k >= 1, "top_k", cfg.top_k, "must be >= 1 or null", script)
+    _check(0 <= cfg.seed < SEED_LIMIT, "seed", cfg.seed, "must be >= 0 and < 2**63", script)
 
 
 TYPED_GROUPS = ("model", "data", "optimizer", "schedule", "trainer", "logger", "paths")
@@ -217,7 +221,8 @@ def validate(cfg: DictConfig) -> None:
            f"must divide trainer.batch_size={t.batch_size} (each stream computes an equal part of the batch)")
     _check(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
     _check(0 < o.lr < math.inf, "optimizer.lr", o.lr, "must be > 0 and finite")
-    _check(t.seed >= 0, "trainer.seed", t.seed, "must be >= 0")
+    _check(0 <= t.seed < SEED_LIMIT, "trainer.seed", t.seed, "must be >= 0 and < 2**63")
+    _check(d.split_seed >= 0, "data.split_seed", d.split_seed, "must be >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
            "must be two numbers in [0, 1)")
     _check(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
