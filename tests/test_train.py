@@ -79,6 +79,11 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     assert json.loads((tmp_path / "hf/config.json").read_text())["mlxgpt_tokenizer"] == vocabulary
     again = run(["export.py", f"checkpoint={run_dir}", f"out={tmp_path}/hf"], tmp_path, check=False)
     assert again.returncode == 2 and again.stderr.count("\n") == 1  # refuses to overwrite, one line
+    for into in (run_dir, run_dir / "checkpoints/last"):  # overwrite=true never replaces a run's own files
+        before = {p: p.read_bytes() for p in into.rglob("*") if p.is_file()}
+        refused = run(["export.py", f"checkpoint={run_dir}", f"out={into}", "overwrite=true"], tmp_path, check=False)
+        assert refused.returncode == 2 and "is an mlxgpt run or checkpoint directory" in refused.stderr
+        assert {p: p.read_bytes() for p in into.rglob("*") if p.is_file()} == before
     hf_init = run(["train.py", *TINY, f"init_from={tmp_path}/hf", "trainer.eval_only=true",
                    f"paths.log_dir={tmp_path}/logs", "run_name=hf"], tmp_path)
     assert "eval only" in hf_init.stdout and "-character vocabulary of" in hf_init.stdout

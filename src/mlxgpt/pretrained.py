@@ -24,6 +24,7 @@ MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 # the conf/model/ entry with each checkpoint's sizes
 MODEL_CONFIGS = {"gpt2": "gpt2_small", "gpt2-medium": "gpt2_medium", "gpt2-large": "gpt2_large", "gpt2-xl": "gpt2_xl"}
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+RUN_FILES = ("state.json", "checkpoints", ".hydra")  # what marks an mlxgpt checkpoint or run directory
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
@@ -119,6 +120,9 @@ def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenize
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; export_hf needs a directory")
+    if any((out / name).exists() for name in RUN_FILES):
+        raise UserError(f"{out} is an mlxgpt run or checkpoint directory: the export would replace its files; choose "
+                        f"another out= directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; choose another directory or pass overwrite=True")
     out.mkdir(parents=True, exist_ok=True)
