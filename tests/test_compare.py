@@ -43,13 +43,14 @@ def grid(tmp_path_factory) -> Path:
 def mixed(tmp_path_factory) -> Path:
     """Runs from separate commands, as compared across sweeps: logs/runs/named (run_name=named, model.n_layer=1),
     logs/deep/0 (model.n_layer=2, lr left at its default 6e-4), logs/slow/0 (optimizer.lr=1e-4, model.n_layer=1; the
-    sweep writes it 0.0001), logs/given (the same, written 1e-4 as given) and logs/env (logger.group=UNRESOLVABLE);
-    returns the dir holding logs/."""
+    sweep writes it 0.0001), logs/given (the same, written 1e-4 as given), logs/env (logger.group=UNRESOLVABLE) and
+    logs/constant (schedule=constant); returns the dir holding logs/."""
     tmp = tmp_path_factory.mktemp("compare_mixed")
     for args in (["run_name=named", "model.n_layer=1"], ["-m", "hydra.sweep.dir=logs/deep", "model.n_layer=2"],
                  ["-m", "hydra.sweep.dir=logs/slow", "optimizer.lr=1e-4", "model.n_layer=1"],
                  ["hydra.run.dir=logs/given", "optimizer.lr=1e-4", "model.n_layer=1"],
-                 ["hydra.run.dir=logs/env", f"logger.group={UNRESOLVABLE}"]):
+                 ["hydra.run.dir=logs/env", f"logger.group={UNRESOLVABLE}"],
+                 ["hydra.run.dir=logs/constant", "schedule=constant"]):
         multirun = args[:1] == ["-m"]
         python("train.py", *args[:multirun], *TINY, f"paths.log_dir={tmp}/logs", *args[multirun:], cwd=tmp,
                MLXGPT_COMPARE_GROUP="group")
@@ -128,6 +129,15 @@ def test_compare_shows_a_default_value_and_draws_its_heatmap(mixed, tmp_path):
     assert (rows["deep/0"]["optimizer.lr"], rows["slow/0"]["optimizer.lr"]) == ("0.0006", "0.0001")
     assert "| deep/0 | model.n_layer=2,optimizer.lr=0.0006 |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "heatmap.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.slow
+def test_compare_shows_the_default_option_of_a_config_group(mixed, tmp_path):
+    """logs/env kept the default schedule (cosine), logs/constant chose schedule=constant."""
+    python("compare.py", str(mixed / "logs/env"), str(mixed / "logs/constant"), "--out", str(tmp_path), cwd=tmp_path)
+    rows = {r["run"]: r["schedule"] for r in csv.DictReader(open(tmp_path / "table.csv"))}
+    assert rows == {"env": "cosine", "constant": "constant"}
+    assert "| env | schedule=cosine," in (tmp_path / "table.md").read_text()
 
 
 @pytest.mark.slow

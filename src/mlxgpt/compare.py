@@ -34,6 +34,7 @@ class Run:
     config: Any  # the composed config (.hydra/config.yaml), interpolations unresolved
     status: str  # ok | failed | incomplete (no result.json: killed, or still running)
     error: str = ""
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> the option the run used (default or not)
     evals: list[dict] = field(default_factory=list)  # metrics.jsonl records with event=eval
     logs: list[dict] = field(default_factory=list)  # ... with event=train
 
@@ -58,7 +59,10 @@ class Run:
 
     def value(self, key: str) -> Any:
         """The run's value of a key, overridden or not: typed from the config when it is a scalar there, its raw text
-        when it interpolates what only the run could resolve (`${now:...}`, an unset variable), else as given."""
+        when it interpolates what only the run could resolve (`${now:...}`, an unset variable), a config group's
+        option (`model` -> `mini`, also where the default was kept), else as given."""
+        if key in self.choices:
+            return self.choices[key]
         try:
             typed = OmegaConf.select(self.config, key, default=None)
         except OmegaConfBaseException:
@@ -113,9 +117,17 @@ def load_run(path: Path, root: Path) -> Run:
                 continue  # a line cut short by a kill
     name = str(path.relative_to(root)) if path != root else path.name
     return Run(path=path, name=name, overrides=overrides, config=OmegaConf.load(hydra_dir / "config.yaml"),
-               status=result.get("status", "incomplete"), error=result.get("error") or "",
+               status=result.get("status", "incomplete"), error=result.get("error") or "", choices=_choices(hydra_dir),
                evals=[r for r in records if r.get("event") == "eval"],
                logs=[r for r in records if r.get("event") == "train"])
+
+
+def _choices(hydra_dir: Path) -> dict[str, str]:
+    """The option of each config group the run composed (Hydra's runtime.choices in .hydra/hydra.yaml)."""
+    if not (hydra_dir / "hydra.yaml").is_file():
+        return {}
+    choices = OmegaConf.select(OmegaConf.load(hydra_dir / "hydra.yaml"), "hydra.runtime.choices", default=None)
+    return {k: v for k, v in OmegaConf.to_container(choices).items() if isinstance(v, str)} if choices else {}
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
