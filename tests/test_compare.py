@@ -44,13 +44,15 @@ def mixed(tmp_path_factory) -> Path:
     """Runs from separate commands, as compared across sweeps: logs/runs/named (run_name=named, model.n_layer=1),
     logs/deep/0 (model.n_layer=2, lr left at its default 6e-4), logs/slow/0 (optimizer.lr=1e-4, model.n_layer=1; the
     sweep writes it 0.0001), logs/given (the same, written 1e-4 as given), logs/env (logger.group=UNRESOLVABLE) and
-    logs/constant (schedule=constant); returns the dir holding logs/."""
+    logs/constant (schedule=constant) and logs/evaluated (trainer.eval_only=true of logs/given); returns the dir
+    holding logs/."""
     tmp = tmp_path_factory.mktemp("compare_mixed")
     for args in (["run_name=named", "model.n_layer=1"], ["-m", "hydra.sweep.dir=logs/deep", "model.n_layer=2"],
                  ["-m", "hydra.sweep.dir=logs/slow", "optimizer.lr=1e-4", "model.n_layer=1"],
                  ["hydra.run.dir=logs/given", "optimizer.lr=1e-4", "model.n_layer=1"],
                  ["hydra.run.dir=logs/env", f"logger.group={UNRESOLVABLE}"],
-                 ["hydra.run.dir=logs/constant", "schedule=constant"]):
+                 ["hydra.run.dir=logs/constant", "schedule=constant"],
+                 ["hydra.run.dir=logs/evaluated", f"init_from={tmp}/logs/given", "model.n_layer=1", "trainer.eval_only=true"]):
         multirun = args[:1] == ["-m"]
         python("train.py", *args[:multirun], *TINY, f"paths.log_dir={tmp}/logs", *args[multirun:], cwd=tmp,
                MLXGPT_COMPARE_GROUP="group")
@@ -138,6 +140,13 @@ def test_compare_shows_the_default_option_of_a_config_group(mixed, tmp_path):
     rows = {r["run"]: r["schedule"] for r in csv.DictReader(open(tmp_path / "table.csv"))}
     assert rows == {"env": "cosine", "constant": "constant"}
     assert "| env | schedule=cosine," in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_compare_shows_the_val_loss_of_an_eval_only_run(mixed):
+    evaluated = load_runs([mixed / "logs/evaluated"])[0]
+    result = json.loads((mixed / "logs/evaluated/result.json").read_text())
+    assert evaluated.best_val_loss == result["val/loss"] and evaluated.status == "ok"
 
 
 @pytest.mark.slow

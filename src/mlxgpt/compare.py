@@ -35,12 +35,15 @@ class Run:
     status: str  # ok | failed | incomplete (no result.json: killed, or still running)
     error: str = ""
     choices: dict[str, str] = field(default_factory=dict)  # config group -> the option the run used (default or not)
+    result: dict = field(default_factory=dict)  # result.json
     evals: list[dict] = field(default_factory=list)  # metrics.jsonl records with event=eval
     logs: list[dict] = field(default_factory=list)  # ... with event=train
 
     @property
     def best_val_loss(self) -> float:
         losses = [e["val/loss"] for e in self.evals if _finite(e.get("val/loss"))]
+        if not losses and _finite(self.result.get("best/val_loss")):  # trainer.eval_only logs no evaluation
+            losses = [self.result["best/val_loss"]]
         return min(losses, default=math.nan)
 
     @property
@@ -118,6 +121,7 @@ def load_run(path: Path, root: Path) -> Run:
     name = str(path.relative_to(root)) if path != root else path.name
     return Run(path=path, name=name, overrides=overrides, config=OmegaConf.load(hydra_dir / "config.yaml"),
                status=result.get("status", "incomplete"), error=result.get("error") or "", choices=_choices(hydra_dir),
+               result=result,
                evals=[r for r in records if r.get("event") == "eval"],
                logs=[r for r in records if r.get("event") == "train"])
 
