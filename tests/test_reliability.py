@@ -409,6 +409,9 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
             "callbacks.early_stopping: patience='abc'", None),
         "callback option: sample prompt outside the vocabulary": (run("b17", "callbacks.sample.prompt=\u03b6"),
                                                                   "callbacks.sample.prompt", None),
+        "callback option: checked before the data is read": (
+            run("b18", "callbacks.sample.temperature=-1", "data=text", "data.path=missing.txt"),
+            "callbacks.sample: temperature=-1", None),
         "sample: no checkpoint given": (sample, "checkpoint= is required", None),
         "sample: which": ([*sample, f"checkpoint={base}", "which=worst"], "which=worst", None),
         "sample: missing checkpoint": ([*sample, "checkpoint=nowhere"], "does not exist", None),
@@ -447,7 +450,8 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "resume: a failed attempt keeps the run's records", "resume: another run's checkpoint into a used run",
               "eval_only: no weights to evaluate", "eval_only: into a used run",
               "callback option: evaluation interval 0", "callback option: patience not a number",
-              "callback option: sample prompt outside the vocabulary", "sample: no checkpoint given", "sample: which",
+              "callback option: sample prompt outside the vocabulary", "callback option: checked before the data is read",
+              "sample: no checkpoint given", "sample: which",
               "sample: missing checkpoint", "sample: truncated checkpoint", "sample: not a checkpoint",
               "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits"]
 

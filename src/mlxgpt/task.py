@@ -123,6 +123,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = Non
         t.dtype = "float32"  # the run records what it computes in
     _use_init_char_vocabulary(cfg)
     log.info(OmegaConf.to_yaml(cfg, resolve=True).rstrip())
+    callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()] + list(extra_callbacks)  # before data
 
     data = load_data(cfg.data)
     block_size = t.block_size or cfg.model.block_size
@@ -137,7 +138,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = Non
                     f"{t.max_iters}: the learning rate never reaches optimizer.lr={cfg.optimizer.lr:g} (lower "
                     f"schedule.warmup_iters)")
     optimizer = build_optimizer(cfg.optimizer, schedule)
-    callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()] + list(extra_callbacks)
     if cfg.logger.name == "wandb":
         from mlxgpt.callbacks.wandb import WandbCallback
 
