@@ -412,6 +412,8 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "callback option: checked before the data is read": (
             run("b18", "callbacks.sample.temperature=-1", "data=text", "data.path=missing.txt"),
             "callbacks.sample: temperature=-1", None),
+        "callback option: early stopping without evaluations": (
+            run("b19", "callbacks=[sample,early_stopping]"), "use callbacks=[default,early_stopping]", None),
         "sample: no checkpoint given": (sample, "checkpoint= is required", None),
         "sample: which": ([*sample, f"checkpoint={base}", "which=worst"], "which=worst", None),
         "sample: missing checkpoint": ([*sample, "checkpoint=nowhere"], "does not exist", None),
@@ -451,6 +453,7 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "eval_only: no weights to evaluate", "eval_only: into a used run",
               "callback option: evaluation interval 0", "callback option: patience not a number",
               "callback option: sample prompt outside the vocabulary", "callback option: checked before the data is read",
+              "callback option: early stopping without evaluations",
               "sample: no checkpoint given", "sample: which",
               "sample: missing checkpoint", "sample: truncated checkpoint", "sample: not a checkpoint",
               "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits"]

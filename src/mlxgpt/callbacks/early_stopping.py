@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 
 from mlxgpt.callbacks.base import Callback, check_option
+from mlxgpt.callbacks.evaluation import EvaluationCallback
+from mlxgpt.errors import UserError
 from mlxgpt.log import log
 
 
@@ -15,6 +17,11 @@ class EarlyStoppingCallback(Callback):
         check_option("min_delta", min_delta, "number", lambda v: v >= 0, ">= 0")
         self.patience, self.min_delta = patience, min_delta
         self._best, self._bad = math.inf, 0
+
+    def on_train_start(self, trainer) -> None:
+        if not any(isinstance(cb, EvaluationCallback) for cb in trainer.callbacks):
+            raise UserError("callbacks.early_stopping watches the evaluations' val loss, but this run has no "
+                            "evaluation callback; use callbacks=[default,early_stopping] (the defaults and early stopping)")
 
     def on_eval_end(self, trainer, logs) -> None:
         if logs["val/loss"] < self._best - self.min_delta:
