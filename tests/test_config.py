@@ -95,6 +95,9 @@ def test_text_data_without_path_says_how_to_fix():
     ("-m --cfg=job", "drop one of them"),
     ("data.path=~/x/*.txt", "cannot parse the override 'data.path=~/x/*.txt'"),
     ("callbacks=[default,early_stop]", "no option 'early_stop' in config group 'callbacks'; available: checkpoint,"),
+    ("callbacks.early_stopping.patience=2", "the callback 'early_stopping' is not in this run's callbacks, so "
+     "'callbacks.early_stopping' cannot be set; add it: callbacks=[default,early_stopping]"),
+    ("callbacks.early_stoping.patience=2", "unknown config key 'callbacks.early_stoping'"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *override.split(), f"paths.log_dir={tmp_path}"],

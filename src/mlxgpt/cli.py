@@ -39,10 +39,22 @@ def one_line(exc: BaseException) -> str:
         if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
             reason = (cause.msg or str(cause)).splitlines()[0]
             if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+                callback = _unlisted_callback(cause.full_key)
+                if callback:
+                    return (f"the callback '{callback}' is not in this run's callbacks, so '{cause.full_key}' cannot "
+                            f"be set; add it: callbacks=[default,{callback}]")
                 return (f"unknown config key '{cause.full_key}' ({reason}); check the spelling, "
                         f"`--cfg job` lists every key")
             return f"invalid value for '{cause.full_key}': {reason}"
     return " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
+
+
+def _unlisted_callback(key: str) -> str | None:
+    """The callback of a `callbacks.<name>...` key when conf/callbacks/ has it (so it is left out of the run's list)."""
+    group, _, rest = key.partition(".")
+    name = rest.split(".")[0]
+    conf = Path(sys.argv[0]).parent / "conf" / "callbacks" / f"{name}.yaml"
+    return name if group == "callbacks" and name and conf.is_file() else None
 
 
 def user_message(exc: BaseException) -> str | None:
