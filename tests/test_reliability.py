@@ -414,6 +414,8 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
             "callbacks.sample: temperature=-1", None),
         "callback option: early stopping without evaluations": (
             run("b19", "callbacks=[sample,early_stopping]"), "use callbacks=[default,early_stopping]", None),
+        "callback option: a class that does not exist": (
+            run("b20", "+callbacks.mine._target_=mlxgpt.callbacks.Mine"), "callbacks.mine: Error loading 'mlxgpt.callbacks.Mine'", None),
         "sample: no checkpoint given": (sample, "checkpoint= is required", None),
         "sample: which": ([*sample, f"checkpoint={base}", "which=worst"], "which=worst", None),
         "sample: missing checkpoint": ([*sample, "checkpoint=nowhere"], "does not exist", None),
@@ -453,7 +455,7 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "eval_only: no weights to evaluate", "eval_only: into a used run",
               "callback option: evaluation interval 0", "callback option: patience not a number",
               "callback option: sample prompt outside the vocabulary", "callback option: checked before the data is read",
-              "callback option: early stopping without evaluations",
+              "callback option: early stopping without evaluations", "callback option: a class that does not exist",
               "sample: no checkpoint given", "sample: which",
               "sample: missing checkpoint", "sample: truncated checkpoint", "sample: not a checkpoint",
               "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits"]

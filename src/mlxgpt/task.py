@@ -206,8 +206,8 @@ def _instantiate(name: str, node: DictConfig):
     try:
         return instantiate(node)
     except Exception as e:  # bad callback options surface as TypeError deep inside instantiate
-        cause = e.__cause__ or e
-        raise UserError(f"callbacks.{name}: {cause}; check its options in conf/callbacks/{name}.yaml") from None
+        cause = " ".join(str(e.__cause__ or e).split())  # one line (an import error spans several)
+        raise UserError(f"callbacks.{name}: {cause}; check its options (`--cfg job` shows them)") from None
 
 
 def _disk_error(exc: BaseException) -> UserError | None:
