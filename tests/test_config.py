@@ -98,6 +98,7 @@ def test_text_data_without_path_says_how_to_fix():
     ("callbacks.early_stopping.patience=2", "the callback 'early_stopping' is not in this run's callbacks, so "
      "'callbacks.early_stopping' cannot be set; add it: callbacks=[default,early_stopping]"),
     ("callbacks.early_stoping.patience=2", "unknown config key 'callbacks.early_stoping'"),
+    ("~callbacks.progres", "cannot delete 'callbacks.progres': no such key; check the spelling"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *override.split(), f"paths.log_dir={tmp_path}"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,9 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OverrideParseException):
         return (f"cannot parse the override {exc.override!r} (Hydra's override grammar); quote a value with special "
                 f"characters, e.g. 'data.path=\"~/books/*.txt\"'")
+    deleted = re.fullmatch(r"Could not delete from config\. '(.+)' does not exist\.", str(exc))
+    if deleted:  # `~key` of a key the config lacks
+        return f"cannot delete '{deleted[1]}': no such key; check the spelling, `--cfg job` lists every key"
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         options = exc.options or [p.stem for p in (Path(sys.argv[0]).parent / "conf" / group).glob("*.yaml")]
