@@ -424,6 +424,8 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "sample: not a checkpoint": ([*sample, f"checkpoint={work}/foreign"], "is not an mlxgpt checkpoint", None),
         "sample: prompt longer than the context": ([*sample, f"checkpoint={base}", f"prompt={'a' * 40}"],
                                                    "longer than the model's context of 32", base),
+        "sample: missing prompt file": ([*sample, f"checkpoint={base}", "prompt=FILE:nowhere.txt"],
+                                        "prompt file nowhere.txt does not exist; give an existing file", None),
         "sample: negative seed": ([*sample, f"checkpoint={base}", "seed=-1"], "invalid seed=-1: must be >= 0", None),
         "sample: seed past 64 bits": ([*sample, f"checkpoint={base}", "seed=18446744073709551616"],
                                       "invalid seed=18446744073709551616", None),
@@ -458,7 +460,8 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "callback option: early stopping without evaluations", "callback option: a class that does not exist",
               "sample: no checkpoint given", "sample: which",
               "sample: missing checkpoint", "sample: truncated checkpoint", "sample: not a checkpoint",
-              "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits"]
+              "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits",
+              "sample: missing prompt file"]
 
 
 @pytest.mark.slow

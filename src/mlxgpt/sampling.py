@@ -33,7 +33,7 @@ def sample(cfg) -> Iterator[str]:
     if prompt.startswith("FILE:"):
         prompt_path = Path(prompt[5:]).expanduser()
         if not prompt_path.is_file():
-            raise UserError(f"prompt file {prompt_path} does not exist")
+            raise UserError(f"prompt file {prompt_path} does not exist; give an existing file as prompt=FILE:<path>")
         prompt = prompt_path.read_text(encoding="utf-8")
     ids = tokenizer.encode(prompt) or [tokenizer.eot_token or 0]
     context = model.config.block_size
