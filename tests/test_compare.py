@@ -150,6 +150,14 @@ def test_compare_shows_the_val_loss_of_an_eval_only_run(mixed):
 
 
 @pytest.mark.slow
+def test_common_settings_include_those_only_some_runs_override(mixed, tmp_path):
+    """logs/deep/0 sets model.n_layer=2, logs/constant keeps nano's 2: common to both, though listed first."""
+    python("compare.py", str(mixed / "logs/constant"), str(mixed / "logs/deep/0"), "--out", str(tmp_path), cwd=tmp_path)
+    common = (tmp_path / "table.md").read_text().split("Common to all runs: ")[1]
+    assert "model.n_layer=2" in common and "schedule" not in common
+
+
+@pytest.mark.slow
 def test_the_same_value_written_two_ways_does_not_vary(mixed):
     runs = load_runs([mixed / "logs/slow/0", mixed / "logs/given"])
     assert sorted(r.overrides["optimizer.lr"] for r in runs) == ["0.0001", "1e-4"]

@@ -144,10 +144,20 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     return [load_run(d.resolve(), root) for d in dirs]
 
 
+def _overridden(runs: list[Run]) -> list[str]:
+    """The keys any of the runs overrides, in first-seen order."""
+    return list(dict.fromkeys(k for r in runs for k in r.overrides))
+
+
+def _given(runs: list[Run], key: str) -> str:
+    """A key's value as the first run that overrides it wrote it."""
+    return next(r.overrides[key] for r in runs if key in r.overrides)
+
+
 def varying_keys(runs: list[Run]) -> list[str]:
     """Overridden keys whose typed value (3e-3 == 0.003) differs between runs (all of a lone run's), in first-seen
     order."""
-    keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
+    keys = _overridden(runs)
     if len(runs) == 1:
         return keys
     return [k for k in keys if len({r.value(k) for r in runs}) > 1]
@@ -212,7 +222,7 @@ def write_table(runs: list[Run], out_dir: Path, stem: str) -> tuple[Path, Path]:
                      **{k: r.value(k) for k in keys}, "best_val_loss": r.best_val_loss,
                      "final_train_loss": r.final_train_loss, "tok_per_s": r.tok_per_s, "iters": r.iters,
                      "status": r.status, "error": r.error, "path": _shown(r.path)})
-    common = [f"{k}={v}" for k, v in runs[0].overrides.items() if k not in keys] if len(runs) > 1 else []
+    common = [f"{k}={_given(runs, k)}" for k in _overridden(runs) if k not in keys] if len(runs) > 1 else []
     if common:
         md += ["", f"Common to all runs: `{' '.join(common)}`"]
     md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
