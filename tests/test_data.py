@@ -1,6 +1,7 @@
 """Data pipeline: sources, prepare (keys, no-op reruns, interruptions, HF corpora) and the batch loader."""
 import importlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -401,3 +402,16 @@ def test_bench_prepare_runs_and_matches_nanogpt_tokens(tiktoken_cache):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| mlxgpt prepare |" in out.stdout and "are identical to the nanoGPT-style output" in out.stdout
+
+
+@pytest.mark.slow
+def test_openwebtext_offline_is_one_line_naming_the_local_copy_options(tmp_path, tiktoken_cache):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "MLXGPT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, str(root / "train.py"), "data=openwebtext", "model=nano", "logger=none",
+                           f"paths.log_dir={tmp_path}/logs"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: cannot load the dataset data.hf_path=Skylion007/openwebtext")
+    assert "data.hf_path=parquet data.data_files='<dir>/*.parquet'" in proc.stderr

@@ -89,7 +89,10 @@ def load_documents(cfg):
             )
     except Exception as e:  # hub, network, file and format errors all end here
         where = f"data.path={cfg.path}" if cfg.path else f"data.hf_path={cfg.hf_path} hf_name={cfg.hf_name} hf_revision={cfg.hf_revision} data_files={plain(cfg.data_files)}"
-        raise UserError(f"cannot load the dataset {where} split {cfg.hf_split} ({type(e).__name__}: {str(e)[:200]}); check these settings and the network") from e
+        local = "" if cfg.path else (", or use a local copy: data.path=<datasets.save_to_disk dir> or data.hf_path=parquet "
+                                     "data.data_files='<dir>/*.parquet'")
+        raise UserError(f"cannot load the dataset {where} split {cfg.hf_split} ({type(e).__name__}: {str(e)[:200]}); "
+                        f"check these settings and the network{local}") from e
     columns = ds.column_names
     if columns is not None and cfg.text_column not in columns:
         raise UserError(f"the dataset has no column {cfg.text_column!r} (columns: {columns}); set data.text_column")
