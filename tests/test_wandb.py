@@ -99,7 +99,7 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
     train(tmp_path, "run_name=r", "logger.mode=offline", "trainer.max_iters=5")
     train(tmp_path, "run_name=r", "logger.mode=offline", "trainer.max_iters=10", "trainer.resume=auto")
     first, second = (read_run(f) for f in find_run_files(tmp_path / "logs/runs/r/wandb"))
-    assert first.run_id == second.run_id
+    assert first.run_id == second.run_id and first.name == "r"  # named by its run_name
     assert first.values("iter")[-1] == 5 and second.values("val/loss") and min(second.values("iter")) >= 5
 
 

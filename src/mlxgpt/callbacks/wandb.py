@@ -77,8 +77,8 @@ class WandbCallback(Callback):
         self.run = wandb.init(
             project=self.cfg.project, entity=self.cfg.entity, mode=resolve_mode(self.cfg.mode),
             dir=str(trainer.run_dir), id=run_id, resume="allow" if run_id else None,
-            group=self.cfg.group or group, name=name, job_type=self.cfg.job_type, tags=list(self.cfg.tags),
-            config=flat_config(trainer.cfg))
+            group=self.cfg.group or group, name=None if run_id else name,  # a resumed run keeps its name
+            job_type=self.cfg.job_type, tags=list(self.cfg.tags), config=flat_config(trainer.cfg))
         trainer.extra_state[RUN_ID_KEY] = self.run.id
         self.run.define_metric("iter")  # the x-axis of every chart; `tokens` is logged beside it as the other one
         self.run.define_metric("*", step_metric="iter")
@@ -172,8 +172,8 @@ def flat_config(cfg) -> dict[str, Any]:
 
 
 def job_name_and_group(run_dir: Path) -> tuple[str, str]:
-    """Name: the job's swept overrides with short keys (`lr=3e-4,n_layer=6`); all of them for a single run.
-    Group: the multirun's sweep directory name (shared by its jobs), or the run itself."""
+    """Name: the job's swept overrides with short keys (`lr=3e-4,n_layer=6`); for a single run, its run_name when
+    given, else all its overrides. Group: the multirun's sweep directory name (shared by its jobs), or the run."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -188,6 +188,8 @@ def job_name_and_group(run_dir: Path) -> tuple[str, str]:
     pairs = []
     for override in hc.overrides.task:
         key, _, value = override.lstrip("+~").partition("=")
+        if key == "run_name" and not multirun:
+            return value, run_dir.name
         if key in swept or not swept and key not in skip and not key.startswith(("paths.", "hydra.")):
             pairs.append((key, value))
     short = [key.rsplit(".", 1)[-1] for key, _ in pairs]
