@@ -182,3 +182,12 @@ def test_copies_of_records_in_hidden_folders_are_not_runs(tmp_path):
         (tmp_path / run / ".hydra").mkdir(parents=True)
         (tmp_path / run / ".hydra" / "config.yaml").write_text("run_name: x\n")
     assert find_run_dirs([tmp_path / "sweep"]) == [tmp_path / "sweep" / "0"]
+
+
+def test_a_reader_that_stops_early_ends_compare_quietly(grid, tmp_path):
+    """`compare.py <sweep> | head`: no BrokenPipeError traceback when the reader closes the pipe."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "compare.py"), str(grid), "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before compare prints anything
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and stderr == "" and (tmp_path / "table.md").is_file()

@@ -126,6 +126,15 @@ def exit_on_user_error(task: Callable) -> Callable:
     return wrapper
 
 
+def print_result(text: str) -> None:
+    """Print a command's result; a reader that stops early (`| head`) ends the process quietly, as Unix tools do."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        sys.exit(1)
+
+
 def fail(message: str) -> None:
     """Print `error: message` on stderr and exit 2 (a user error)."""
     print(f"error: {message}", file=sys.stderr)

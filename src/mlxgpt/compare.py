@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mlxgpt.cli import fail
+from mlxgpt.cli import fail, print_result
 from mlxgpt.errors import UserError
 
 # where a run is kept, not what it does
@@ -406,5 +406,4 @@ def main(argv: list[str] | None = None) -> None:
         written = compare(args.paths, args.out)
     except UserError as e:
         fail(str(e))
-    print(Path(written[0]).read_text())
-    print("wrote " + ", ".join(map(str, written)))
+    print_result(Path(written[0]).read_text() + "\nwrote " + ", ".join(map(str, written)))
