@@ -8,7 +8,10 @@ PY := $(BIN)/python
 comma := ,
 PIP_EXTRAS := dev$(if $(EXTRAS),$(comma)$(EXTRAS),)
 
-.PHONY: install test test-fast train sample compare study-lr-depth bench bench-blas bench-prepare bench-sample clean
+.PHONY: help install test test-fast train sample compare study-lr-depth bench bench-blas bench-prepare bench-sample clean
+
+help:  ## this list
+	@awk -F ':.*## ' '/^[a-z-]+:.*## /{printf "%-16s%s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install:  ## virtual environment + project + dependencies + fast CPU BLAS (Linux)
 	$(PYTHON) -m venv $(VENV)

@@ -121,3 +121,12 @@ def test_help_shows_each_scripts_own_options(script, shown, not_shown):
     proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert all(s in proc.stdout for s in shown) and not any(s in proc.stdout for s in not_shown), proc.stdout
+
+
+def test_make_help_lists_every_documented_target():
+    """`make` / `make help`: each target with a `## ` comment in the Makefile, and what it does."""
+    make = (ROOT / "Makefile").read_text()
+    documented = [line.split(":")[0] for line in make.splitlines() if "## " in line and not line.startswith("\t")]
+    proc = subprocess.run(["make", "-s", "-C", str(ROOT)], capture_output=True, text=True, timeout=60)
+    listed = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0 and listed == documented and "install" in listed and "test" in listed, proc.stdout
