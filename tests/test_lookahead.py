@@ -105,3 +105,35 @@ def test_logged_step_time_leaves_out_callbacks_run_with_the_device_idle(tmp_path
     typical = statistics.median(slow.dt)
     assert max(slow.dt) < 0.25  # the 0.5 s pauses are not training time
     assert min(slow.dt) > typical / 3, slow.dt
+
+
+class AppliedLearningRate(Callback):
+    """Records, at every step end, the logged lr and the lr the optimizer applied in that step."""
+
+    def __init__(self):
+        self.logged, self.applied = [], []
+
+    def on_step_end(self, trainer, logs) -> None:
+        self.logged.append(logs["lr"])
+        self.applied.append(trainer.optimizer.learning_rate.item())
+
+
+def test_a_skipped_update_logs_the_applied_learning_rate_and_does_not_advance_the_schedule(tmp_path, monkeypatch):
+    """on_nan=skip: the update of iteration 3 gets a non-finite gradient norm and is skipped; the logged lr is the one
+    each update applied, and the schedule goes on from where the applied updates left it."""
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    cfg = compose(CONF, ["model=nano", "model.n_embd=32", "trainer.batch_size=4", "trainer.block_size=16",
+                         "trainer.max_iters=5", "trainer.log_interval=1", "trainer.on_nan=skip",
+                         "schedule.warmup_iters=10", "callbacks.sample.max_new_tokens=0", "logger=none"])
+    (tmp_path / "run").mkdir()
+    trainer = build_trainer(cfg, tmp_path / "run", extra_callbacks=(spy := AppliedLearningRate(),))
+    reduce, calls = trainer._reduce, iter(range(5))
+
+    def reduce_with_a_bad_gradient(acc):
+        g, norm = reduce(acc)
+        return g, norm * mx.nan if next(calls) == 2 else norm
+
+    trainer._reduce = reduce_with_a_bad_gradient
+    trainer.fit()
+    warmup = [cfg.optimizer.lr * (k + 1) / (10 + 1) for k in range(4)]  # the schedule at the applied updates 0..3
+    assert spy.logged == spy.applied == pytest.approx([warmup[0], warmup[1], warmup[1], warmup[2], warmup[3]])

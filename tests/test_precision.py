@@ -49,7 +49,7 @@ def test_a_bfloat16_training_step_updates_float32_master_weights(tmp_path, monke
     mx.random.seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=data.vocab_size, n_layer=2, n_head=2, n_embd=32))
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, cfg.trainer.max_iters)
-    trainer = Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), schedule, tmp_path, [], data.tokenizer)
+    trainer = Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), tmp_path, [], data.tokenizer)
     before = model.parameters()["h"][0]["mlp"]["c_fc"]["weight"]
     trainer.iter = 10  # past the warm-up: a non-zero learning rate
     loss, norm = trainer.train_step()

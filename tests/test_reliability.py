@@ -284,7 +284,7 @@ def make_trainer(tmp_path: Path, *overrides: str) -> Trainer:
     data = load_data(cfg.data)
     model = _build_model(cfg, data.tokenizer)
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, cfg.trainer.max_iters)
-    return Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), schedule, tmp_path / "run", [],
+    return Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), tmp_path / "run", [],
                    data.tokenizer)
 
 

@@ -60,7 +60,7 @@ def test_the_sample_callback_draws_only_the_tokenizers_ids(tmp_path):
     assert model.config.vocab_size == PADDED > data.tokenizer.vocab_size
     prefer_padding(model)
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, cfg.trainer.max_iters)
-    trainer = Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), schedule, tmp_path / "run", [],
+    trainer = Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), tmp_path / "run", [],
                       data.tokenizer)
     (tmp_path / "run").mkdir()
     text = SampleCallback(prompt="abc", max_new_tokens=20, temperature=1.0, top_k=None).sample(trainer)

@@ -38,7 +38,7 @@ def train(tmp_path: Path, overrides: list[str], steps: int = 4) -> tuple[list[fl
     model = GPT(GPTConfig(block_size=16, vocab_size=data.vocab_size, n_layer=2, n_head=2, n_embd=32,
                           dropout=cfg.model.dropout))
     schedule = build_schedule(cfg.schedule, 3e-3, cfg.trainer.max_iters)
-    trainer = Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), schedule, tmp_path, [],
+    trainer = Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), tmp_path, [],
                       data.tokenizer)
     assert trainer.streams == cfg.trainer.cpu_streams
     assert isinstance(trainer._grads, StreamSplit) == (trainer.streams > 1)  # the parts path is the one under test

@@ -142,7 +142,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = Non
         from mlxgpt.callbacks.wandb import WandbCallback
 
         callbacks.append(WandbCallback(cfg.logger))
-    return Trainer(cfg, model, data, optimizer, schedule, run_dir, callbacks, data.tokenizer, resume_from)
+    return Trainer(cfg, model, data, optimizer, run_dir, callbacks, data.tokenizer, resume_from)
 
 
 def _build_model(cfg: DictConfig, tokenizer) -> GPT:

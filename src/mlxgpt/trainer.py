@@ -31,10 +31,9 @@ class NonFiniteLoss(UserError):
 class Trainer:
     """Owns the model, optimizer and data for one run; callbacks observe it through events."""
 
-    def __init__(self, cfg, model: nn.Module, data, optimizer: optim.Optimizer, schedule, run_dir: Path,
+    def __init__(self, cfg, model: nn.Module, data, optimizer: optim.Optimizer, run_dir: Path,
                  callbacks: list[Callback], tokenizer, resume_from: Path | None = None):
-        self.cfg, self.model, self.data = cfg, model, data
-        self.optimizer, self.schedule = optimizer, schedule
+        self.cfg, self.model, self.data, self.optimizer = cfg, model, data, optimizer
         self.run_dir = Path(run_dir)
         self.callbacks = sorted(callbacks, key=lambda c: c.priority)
         self.tokenizer = tokenizer
@@ -170,7 +169,6 @@ class Trainer:
             lr = self.optimizer.learning_rate  # the schedule's value this update used
             mx.async_eval(loss, norm, lr, self.model.state, self.optimizer.state)
             return StartedStep(iteration, started, loss, norm, lr)
-        lr = self.lr(iteration)
         loss, acc = self._grads(*self._micro_batch(0, iteration))
         total = loss
         mx.eval(total, acc)
@@ -180,13 +178,13 @@ class Trainer:
             mx.eval(total, acc)
         mean_loss = self._mean_over_ranks(total).item() / self.accum
         if not math.isfinite(mean_loss):
-            return StartedStep(iteration, started, mean_loss, math.nan, lr)
+            return StartedStep(iteration, started, mean_loss, math.nan, self.optimizer.learning_rate.item())
         g, norm = self._reduce(acc)
         mx.eval(g, norm)
-        if math.isfinite(norm.item()):  # a non-finite gradient never reaches the weights
+        if math.isfinite(norm.item()):  # a non-finite gradient never reaches the weights (nor the schedule's step)
             self._update(g)
             mx.eval(self.model.state, self.optimizer.state)
-        return StartedStep(iteration, started, mean_loss, norm.item(), lr)
+        return StartedStep(iteration, started, mean_loss, norm.item(), self.optimizer.learning_rate.item())
 
     def _finish(self, step: StartedStep) -> tuple[float, float, float]:
         """Wait for a started update; its loss, gradient norm and learning rate (checked for non-finite values)."""
@@ -217,9 +215,6 @@ class Trainer:
         tries += ["trainer.on_nan=skip (skips such steps)"] if t.on_nan == "stop" else []
         return NonFiniteLoss(f"{what} became non-finite at iteration {self.iter}; {kept}; try {', '.join(tries)}"
                              + (" and continue with trainer.resume=auto" if last else ""))
-
-    def lr(self, iteration: int) -> float:
-        return self.schedule(mx.array(iteration)).item()
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `eval_iters` fixed batches per split (the same batches at every evaluation, shared out
