@@ -119,7 +119,6 @@ class Config:
     callbacks: Dict[str, Any] = field(default_factory=dict)
     init_from: Optional[str] = None  # None | run dir / checkpoint dir | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
     run_name: str = "run"
-    task_name: str = "train"
 
 
 @dataclass
