@@ -158,19 +158,9 @@ def test_gpt2_init_statistics():
     assert mx.array_equal(p["h.3.ln_2.weight"], mx.ones((128,)))
 
 
-def test_crop_block_size():
-    model = make_model()
-    config_before = model.config
-    idx = mx.random.randint(0, TINY.vocab_size, (1, 8))
-    logits = model(idx)
-    model.crop_block_size(8)
-    assert model.wpe.weight.shape == (8, TINY.n_embd) and model.config.block_size == 8
-    assert config_before.block_size == TINY.block_size  # the caller's config is left alone
-    assert mx.array_equal(model(idx), logits)
+def test_sequence_longer_than_block_size_is_refused():
     with pytest.raises(ValueError):
-        model(mx.zeros((1, 9), mx.int32))
-    with pytest.raises(UserError):
-        model.crop_block_size(9)
+        make_model()(mx.zeros((1, TINY.block_size + 1), mx.int32))
 
 
 def test_kv_cache_logits_match_full_forward():

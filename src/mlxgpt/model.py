@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -211,16 +211,6 @@ class GPT(nn.Module):
         """Training FLOPs per token, forward + backward (PaLM appendix B): 6N + 12*L*H*Q*T."""
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * seq_len
-
-    def crop_block_size(self, block_size: int):
-        """Shrink the context length (e.g. to use GPT-2's 1024 positions with a smaller block_size)."""
-        if not 0 < block_size <= self.config.block_size:
-            raise UserError(
-                f"block_size={block_size} cannot be cropped from the model's {self.config.block_size}; "
-                f"use a block_size between 1 and {self.config.block_size}"
-            )
-        self.config = replace(self.config, block_size=block_size)
-        self.wpe.weight = self.wpe.weight[:block_size]
 
     def generate(
         self,
