@@ -13,9 +13,9 @@ Schedule = Callable[[mx.array], mx.array]
 def build_schedule(cfg, lr: float, max_iters: int) -> Schedule:
     """lr(step) with step = number of updates done so far (MLX evaluates it before incrementing)."""
     warmup = cfg.warmup_iters
-    decay_iters = cfg.get("decay_iters") or max_iters
-    min_lr = lr * cfg.get("min_lr_ratio", 0.0)
-    stable_until = decay_iters * (1.0 - cfg.get("decay_fraction", 0.2)) if cfg.name == "wsd" else warmup
+    decay_iters = cfg.decay_iters or max_iters
+    min_lr = lr * cfg.min_lr_ratio
+    stable_until = decay_iters * (1.0 - cfg.decay_fraction) if cfg.name == "wsd" else warmup
 
     def schedule(step: mx.array) -> mx.array:
         step = mx.array(step).astype(mx.float32)
