@@ -200,7 +200,7 @@ class Trainer:
     def _checked(self, loss: float, norm: float) -> tuple[float, float]:
         if math.isfinite(loss) and math.isfinite(norm):
             return loss, norm
-        if self.cfg.trainer.on_nan == "skip" and not self._use_fused:
+        if self.cfg.trainer.on_nan == "skip":  # never on the fused step (_build_steps)
             if self.is_main:
                 log.warning(f"mlxgpt: skipped iteration {self.iter}: non-finite loss/gradient ({loss}, {norm})")
             return loss, norm
