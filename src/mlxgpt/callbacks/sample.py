@@ -55,10 +55,8 @@ class SampleCallback(Callback):
         tokenizer, model = trainer.tokenizer, trainer.model
         prompt_ids = tokenizer.encode(self.prompt) or [tokenizer.eot_token or 0]
         mx.random.seed(trainer.seed + trainer.iter)
-        model.eval()
         ids = list(model.generate(mx.array([prompt_ids]), self.max_new_tokens, temperature=self.temperature,
-                                  top_k=self.top_k, vocab_size=tokenizer.vocab_size))
-        model.train()
+                                  top_k=self.top_k, vocab_size=tokenizer.vocab_size))  # in eval mode, then back
         text = self.prompt + tokenizer.decode(ids)
         if trainer.is_main:
             if not self._records_started:  # a fresh run's first sample, maybe from the evaluation at start
