@@ -27,11 +27,11 @@ from mlxgpt.interrupt import Interrupted
 from mlxgpt.log import FILE_ONLY, log
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
+from mlxgpt.pretrained import GPT2_SIZES, exported_char_vocabulary, load_pretrained
 from mlxgpt.rundir import (check_same_job, check_start, holds_lock, is_main_process, lock_run_dir, resume_command,
                            settle_records, unlock_run_dir)
 from mlxgpt.trainer import Trainer, load_weights
 
-PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
@@ -152,9 +152,7 @@ def _build_model(cfg: DictConfig, tokenizer) -> GPT:
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data_vocab}; use model.vocab_size=null")
     config = GPTConfig(block_size=m.block_size, vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head,
                        n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
-    if cfg.init_from in PRETRAINED or _is_hf_dir(cfg.init_from):
-        from mlxgpt.pretrained import exported_char_vocabulary, load_pretrained
-
+    if cfg.init_from in GPT2_SIZES or _is_hf_dir(cfg.init_from):
         chars = exported_char_vocabulary(cfg.init_from) if _is_hf_dir(cfg.init_from) else None
         saved = {"name": "char", "chars": chars} if chars else {"name": "gpt2"}  # GPT-2's own: BPE
         checkpoint.check_tokenizer(cfg.init_from, {"tokenizer": saved}, tokenizer.to_meta())
@@ -177,11 +175,9 @@ def _build_model(cfg: DictConfig, tokenizer) -> GPT:
 def _use_init_char_vocabulary(cfg: DictConfig) -> None:
     """Fine-tuning a char-level model (a checkpoint, or its export): tokenize the data with its characters
     (data.chars), so ids keep their meaning."""
-    if not cfg.init_from or cfg.init_from in PRETRAINED or cfg.data.tokenizer != "char" or cfg.data.chars is not None:
+    if not cfg.init_from or cfg.init_from in GPT2_SIZES or cfg.data.tokenizer != "char" or cfg.data.chars is not None:
         return
     if _is_hf_dir(cfg.init_from):
-        from mlxgpt.pretrained import exported_char_vocabulary
-
         source, chars = cfg.init_from, exported_char_vocabulary(cfg.init_from)
     else:
         source = checkpoint.resolve_best(cfg.init_from)
