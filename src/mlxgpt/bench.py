@@ -1,6 +1,6 @@
 """Training speed side by side (`python bench.py`, `make bench`): our Trainer vs a bare compiled MLX step vs nanoGPT.
 
-(a) `ours`: Trainer.fit as train.py builds it, callbacks included; each iteration is timed inside the real loop.
+(a) `ours`: Trainer.fit as train.py builds it, callbacks included; timed in stretches of its real loop (Rounds).
 (b) `bare`: a compiled value_and_grad + clip + AdamW step of the same model on a fixed batch (framework overhead).
 (c) `nanogpt`: nanoGPT's PyTorch model and training step on the same config and device, when torch is installed and
     `--nanogpt DIR` (or NANOGPT_DIR) names a nanoGPT checkout: its model.py is imported from there, never copied.
