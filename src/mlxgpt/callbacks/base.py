@@ -33,7 +33,8 @@ class Callback:
         """Every iteration: iter, tokens, train/loss, lr, grad_norm, dt_s."""
 
     def on_log(self, trainer, logs: dict[str, Any]) -> None:
-        """Every trainer.log_interval: loss averaged since the last log, lr, grad_norm, tok_per_s, mfu, memory."""
+        """Every trainer.log_interval: iter, tokens, train/loss (averaged since the last log), lr, grad_norm, dt_s;
+        ThroughputCallback adds tok_per_s, mfu, memory_gb."""
 
     def on_eval_end(self, trainer, logs: dict[str, Any]) -> None:
         """After an evaluation: iter, tokens, train/loss, val/loss, best/val_loss."""
