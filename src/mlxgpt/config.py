@@ -237,7 +237,7 @@ def validate(cfg: DictConfig) -> None:
         _check(d.tokenizer == "char", "data.chars", repr(d.chars), "applies to data.tokenizer=char only; set it to null")
         _check(len(d.chars) >= 1 and len(set(d.chars)) == len(d.chars), "data.chars", repr(d.chars),
                "must be distinct characters")
-    if d.source in ("text",) and not d.path:
+    if d.source == "text" and not d.path:
         raise UserError("data.source=text needs data.path=<file, directory or glob of text files>")
     if d.source == "hf" and not (d.hf_path or d.path):
         raise UserError("data.source=hf needs data.hf_path=<hub id or builder> or data.path=<saved dataset dir>")
