@@ -47,7 +47,7 @@ def _point(link: Path, target_name: str) -> None:
 
 def save_checkpoint(ckpt_root: Path, model_params: dict, optimizer_state: dict, state: dict,
                     is_best: bool = False, keep: int = 1) -> Path:
-    """Write iter_<n>/ atomically, point `last` (and `best`) at it, keep the newest `keep` others.
+    """Write iter_<n>/ atomically, point `last` (and `best`) at it, keep the newest `keep` and those the links point at.
 
     One writer per `ckpt_root` at a time (the run directory's lock): debris of earlier writers is removed."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
