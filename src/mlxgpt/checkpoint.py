@@ -184,8 +184,8 @@ def check_model(ckpt: Path, state: dict, model_cfg: Mapping) -> None:
         raise UserError(f"checkpoint {ckpt} has a {saved.get('vocab_size')}-character vocabulary, this data "
                         f"{model_cfg.get('vocab_size')} characters: continue it on the data it was trained on")
     if differ:
-        raise UserError(f"checkpoint {ckpt} is for a different model ({_size(saved)}) than this config "
-                        f"({_size(model_cfg)}); use the checkpoint's model settings or start a new run")
+        raise UserError(f"checkpoint {ckpt} is for a different model ({_sizes_text(saved)}) than this config "
+                        f"({_sizes_text(model_cfg)}); use the checkpoint's model settings or start a new run")
 
 
 def check_tokenizer(ckpt: Path, state: dict, tokenizer_meta: dict) -> None:
@@ -204,7 +204,7 @@ def check_tokenizer(ckpt: Path, state: dict, tokenizer_meta: dict) -> None:
                     f"{tokenizer_meta.get('name')}; use data with data.tokenizer={saved.get('name')}")
 
 
-def _size(model_cfg: Mapping) -> str:
+def _sizes_text(model_cfg: Mapping) -> str:
     return "/".join(f"{k}={model_cfg.get(k)}" for k in MODEL_KEYS)
 
 
