@@ -145,7 +145,7 @@ class ExportConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas that conf/config.yaml and conf/sample.yaml extend (unknown keys, wrong types rejected)."""
+    """Register the schemas of conf/config.yaml, sample.yaml and export.yaml (unknown keys, wrong types rejected)."""
     ConfigStore.instance().store(name="mlxgpt_schema", node=Config)
     ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
     ConfigStore.instance().store(name="export_schema", node=ExportConfig)
