@@ -66,6 +66,7 @@ def test_gpt2_small_openwebtext_composes():
     ("optimizer.lr=inf", "optimizer.lr"),
     ("data.chars=abca", "data.chars"),
     ("data.chars=", "data.chars"),
+    ("optimizer.betas=${model.n_layer}", "optimizer.betas"),  # an interpolation the list type does not check
 ])
 def test_out_of_range_values_raise_one_line_user_error(override, needle):
     with pytest.raises(UserError) as err:

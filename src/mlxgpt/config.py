@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mlxgpt.errors import UserError
 
@@ -222,7 +222,8 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < o.lr < math.inf, "optimizer.lr", o.lr, "must be > 0 and finite")
     _check(0 <= t.seed < SEED_LIMIT, "trainer.seed", t.seed, "must be >= 0 and < 2**63")
     _check(d.split_seed >= 0, "data.split_seed", d.split_seed, "must be >= 0")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
+    betas = list(o.betas) if isinstance(o.betas, ListConfig) else o.betas  # an interpolation can resolve to a scalar
+    _check(isinstance(betas, list) and len(betas) == 2 and all(0 <= b < 1 for b in betas), "optimizer.betas", betas,
            "must be two numbers in [0, 1)")
     _check(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
     _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
