@@ -114,3 +114,29 @@ def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
     assert set(best.best_params) == {"optimizer.lr", "model.n_layer"}
     assert 1e-4 <= best.best_params["optimizer.lr"] <= 3e-3
     assert (sweep_dir / "summary.md").is_file()
+
+
+# train.py with a Ctrl-C arriving while the job reads its data (before the training loop and its signal handler)
+CTRL_C_IN_SETUP = """import os, runpy, signal, sys
+import mlxgpt.task as task
+load = task.load_data
+task.load_data = lambda cfg: (os.kill(os.getpid(), signal.SIGINT), load(cfg))[1]
+sys.argv[0] = sys.argv[1]
+del sys.argv[1]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_ctrl_c_before_training_is_interrupted_and_says_how_to_continue(tmp_path):
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_IN_SETUP, str(ROOT / "train.py"), "-m", *TINY,
+                           f"paths.log_dir={tmp_path}/logs", "hydra.sweep.dir=logs/sweep", "optimizer.lr=1e-3,2e-3"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("mlxgpt: stopped by SIGINT before training started; no checkpoint saved; continue with:")
+    assert message.endswith("hydra.sweep.dir=logs/sweep trainer.resume=auto")
+    job = tmp_path / "logs" / "sweep" / "0"
+    assert result(job) == {"status": "interrupted", "iter": None} and not (job.parent / "1").exists()
+    assert "Traceback" not in (job / "train.log").read_text()

@@ -12,10 +12,12 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(BaseException):
-    """Training stopped on a signal at `iteration`. Not an Exception: a multirun stops as well."""
+    """Training stopped on a signal at `iteration` (None: before the training loop). Not an Exception: a multirun
+    stops as well."""
 
-    def __init__(self, signum: int, iteration: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at iteration {iteration}")
+    def __init__(self, signum: int, iteration: int | None):
+        where = f"at iteration {iteration}" if iteration is not None else "before training started"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
         self.signum, self.iteration = signum, iteration
 
     @property

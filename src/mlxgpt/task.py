@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -56,7 +57,8 @@ def train(cfg: DictConfig) -> float:
         if holds_lock(run_dir):
             settle_records(run_dir, failed=True)
         return e.best_val_loss
-    except Interrupted as e:
+    except (Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C outside the loop (data, model): stopped all the same
+        e = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT, None)
         _write_failure(run_dir, {"status": "interrupted", "iter": e.iteration})
         if is_main_process():
             saved = checkpoint.latest(run_dir / "checkpoints")
