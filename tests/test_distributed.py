@@ -2,9 +2,11 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,32 @@ def test_a_sweep_runs_as_submitit_jobs(tmp_path):
     results = [json.loads((sweep / str(job) / "result.json").read_text()) for job in (0, 1)]
     assert [r["status"] for r in results] == ["ok", "ok"] and results[0]["train/loss"] != results[1]["train/loss"]
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # submitit ran them as jobs
+
+
+
+@pytest.mark.skipif(not LAUNCH.exists(), reason="needs mlx.launch beside the Python interpreter")
+def test_a_stopped_two_rank_run_says_to_relaunch_it_and_one_rank_resuming_it_warns_unless_the_batch_is_kept(tmp_path):
+    run_dir = tmp_path / "logs/runs/two"
+    proc = subprocess.Popen([str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
+                             sys.executable, str(ROOT / "train.py"), *TINY, "logger=none", "trainer.max_iters=100000",
+                             f"paths.log_dir={tmp_path}/logs", "run_name=two"], cwd=tmp_path, start_new_session=True,
+                            env={**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data"), "OPENBLAS_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def logged() -> str:
+        return (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
+
+    deadline = time.monotonic() + 120
+    while "iter 1: loss" not in logged():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: every rank, and mlx.launch (which drops their output)
+    proc.communicate(timeout=120)
+    assert "; continue with, under mlx.launch on 2 processes as before: python " in logged()
+    warning = "was trained on 2 process(es) with a global batch of 8 sequences; this run has 1 (1 x 4 x 1 = 4)"
+    stopped_at = json.loads((run_dir / "result.json").read_text())["iter"]
+    halved = train(tmp_path, "two", ["logger=none", f"trainer.max_iters={stopped_at + 1}", "trainer.resume=auto"])
+    assert warning in halved.stderr and "trainer.gradient_accumulation_steps=2" in halved.stderr
+    kept = train(tmp_path, "two", ["logger=none", f"trainer.max_iters={stopped_at + 2}", "trainer.resume=auto",
+                                   "trainer.gradient_accumulation_steps=2"])
+    assert "global batch" not in kept.stderr

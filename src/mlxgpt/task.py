@@ -61,9 +61,10 @@ def train(cfg: DictConfig) -> float:
         e = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT, None)
         _write_failure(run_dir, {"status": "interrupted", "iter": e.iteration})
         if is_main_process():
-            saved = checkpoint.latest(run_dir / "checkpoints")
+            saved, world = checkpoint.latest(run_dir / "checkpoints"), mx.distributed.init().size()
+            launch = f", under mlx.launch on {world} processes as before" if world > 1 else ""
             log.warning(f"mlxgpt: {e}; {f'latest checkpoint {saved}' if saved else 'no checkpoint saved'}; continue "
-                        f"with: {resume_command(cfg.run_name, multirun)}")
+                        f"with{launch}: {resume_command(cfg.run_name, multirun)}")
         sys.exit(e.exit_code)
     except BaseException as exc:
         e = _disk_error(exc) or exc

@@ -69,7 +69,7 @@ class Trainer:
 
         return {"iter": self.iter, "tokens_seen": self.tokens_seen,
                 "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
-                "seed": self.seed, "log_window": [self.log_loss_sum, self.log_steps],
+                "seed": self.seed, "world": self.world, "log_window": [self.log_loss_sum, self.log_steps],
                 "model_config": asdict(self.model.config),
                 "tokenizer": self.tokenizer.to_meta(), "extra": self.extra_state,
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
@@ -85,6 +85,24 @@ class Trainer:
         self.log_loss_sum, self.log_steps = state.get("log_window", [0.0, 0])
         self.extra_state = state.get("extra", {})
         mx.eval(self.model.parameters(), self.optimizer.state)
+        if self.is_main:
+            self._warn_other_world(ckpt, state)
+
+    def _warn_other_world(self, ckpt: Path, state: dict) -> None:
+        """Warn when a checkpoint saved by another number of processes continues with another global batch."""
+        world = state.get("world", self.world)  # older checkpoints do not say
+        if world == self.world:
+            return
+        t, per_accum = state["config"]["trainer"], self.world * self.batch_size
+        before = world * t["batch_size"] * t["gradient_accumulation_steps"]
+        if before == per_accum * self.accum:
+            return
+        accum = before // per_accum
+        keep = f", or keep it: trainer.gradient_accumulation_steps={accum}" if accum * per_accum == before else ""
+        log.warning(f"mlxgpt: warning: {ckpt} was trained on {world} process(es) with a global batch of {before} "
+                    f"sequences; this run has {self.world} ({self.world} x {self.batch_size} x {self.accum} = "
+                    f"{per_accum * self.accum}): it will not train as the run would have; launch it on {world} "
+                    f"process(es) as before{keep}")
 
     # ------------------------------------------------------------------ steps
     def _build_steps(self, compiled: bool) -> None:
