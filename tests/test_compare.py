@@ -191,3 +191,13 @@ def test_a_reader_that_stops_early_ends_compare_quietly(grid, tmp_path):
     proc.stdout.close()  # before compare prints anything
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 1 and stderr == "" and (tmp_path / "table.md").is_file()
+
+
+@pytest.mark.slow
+def test_runs_that_never_evaluated_are_compared_without_warnings(tmp_path):
+    sweep = python("train.py", "-m", *TINY, f"paths.log_dir={tmp_path}/logs", "hydra.sweep.dir=logs/failed",
+                   "optimizer.lr=nan", cwd=tmp_path, check=False)  # the job fails before its first evaluation
+    assert sweep.returncode == 1
+    proc = python("compare.py", "logs/failed", "--out", "out", cwd=tmp_path)
+    assert proc.stderr == "" and "| 1 | 0 | " in proc.stdout
+    assert (tmp_path / "out" / "val_loss.png").read_bytes().startswith(PNG)

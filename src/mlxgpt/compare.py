@@ -252,8 +252,9 @@ def plot_val_curves(runs: list[Run], path: Path) -> Path:
     ax.set_ylabel("val loss")
     ax.set_title("validation loss" + (f" (best: {describe(best, keys)})" if best else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="run (best val loss)",
-              title_fontsize=8)
+    if ax.lines:  # else no run evaluated (all failed early): an empty plot, and no legend to draw
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="run (best val loss)",
+                  title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
