@@ -47,7 +47,9 @@ def metrics(run_dir: Path) -> list[tuple]:
 @pytest.mark.skipif(not LAUNCH.exists(), reason="needs mlx.launch beside the Python interpreter")
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     train(tmp_path, "one", ["logger=none", "trainer.gradient_accumulation_steps=2"])
-    train(tmp_path, "two", ["logger=wandb", "logger.mode=offline", "trainer.gradient_accumulation_steps=1"], ranks=2)
+    launched = train(tmp_path, "two", ["logger=wandb", "logger.mode=offline", "trainer.gradient_accumulation_steps=1"],
+                     ranks=2)
+    assert launched.stdout.count("mlxgpt: device") == 1 and launched.stdout.count("run_name: two") == 1  # rank 0's
     one, two = metrics(tmp_path / "logs/runs/one"), metrics(tmp_path / "logs/runs/two")
     assert [r[:2] for r in one] == [r[:2] for r in two] and len(two) == 9  # rank 0 alone wrote: no duplicates
     assert [r[4] for r in one] == [r[4] for r in two]  # global tokens per step: ranks x micro-batch x accumulation
@@ -80,6 +82,7 @@ def test_ranks_other_than_0_have_hydra_write_nothing():
         configure_log(cfg.hydra.job_logging)  # what Hydra does next with it
         assert cfg.hydra.output_subdir is None
         assert [type(h).__name__ for h in root.handlers] == ["ConsoleHandler"]  # no file handler
+        assert root.handlers[0].level == logging.WARNING  # rank 0 prints the config and progress, once
     finally:
         root.handlers = before
 

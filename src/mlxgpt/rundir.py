@@ -215,12 +215,15 @@ def is_main_process() -> bool:
 
 
 def write_nothing(config: DictConfig) -> None:
-    """Hydra writes no `.hydra/` and no job log file for this process (another rank of rank 0's distributed run)."""
+    """Hydra writes no `.hydra/` and no job log file for this process (another rank of rank 0's distributed run), and
+    its console shows only warnings and errors (rank 0 shows the run's messages: the config, the progress)."""
     with read_write(config.hydra), open_dict(config.hydra):
         config.hydra.output_subdir = None
-        job_logging = config.hydra.job_logging  # its console stays: this rank's messages and errors still show
+        job_logging = config.hydra.job_logging
         if job_logging.get("handlers"):
             job_logging.handlers.pop("file", None)
+            if "console" in job_logging.handlers:
+                job_logging.handlers.console.level = "WARNING"
         if job_logging.get("root") and job_logging.root.get("handlers"):
             job_logging.root.handlers = [h for h in job_logging.root.handlers if h != "file"]
 
