@@ -130,3 +130,29 @@ def test_a_stopped_two_rank_run_says_to_relaunch_it_and_one_rank_resuming_it_war
     kept = train(tmp_path, "two", ["logger=none", f"trainer.max_iters={stopped_at + 2}", "trainer.resume=auto",
                                    "trainer.gradient_accumulation_steps=2"])
     assert "global batch" not in kept.stderr
+
+
+def test_a_submitit_job_stopped_by_slurm_says_how_to_continue_the_sweep_with_train_py(tmp_path):
+    """SIGTERM (Slurm's preemption or time limit) to a job that submitit runs through its own entry point: the command
+    in its log continues the sweep with train.py."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    job = tmp_path / "sweep" / "0"
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+                             "hydra.launcher.timeout_min=5", *TINY, "logger=none", "trainer.max_iters=100000",
+                             "trainer.seed=1", f"hydra.sweep.dir={job.parent}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
+
+    def wait_for(text: str) -> str:
+        deadline = time.monotonic() + 120
+        while text not in ((job / "train.log").read_text() if (job / "train.log").exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        return (job / "train.log").read_text()
+
+    wait_for("iter 1: loss")
+    os.kill(int((job / ".lock").read_text().split()[1]), signal.SIGTERM)  # the lock names the job's pid
+    command = wait_for("continue with: ").split("continue with: ")[1].split()
+    proc.terminate()  # submitit would wait a while for the stopped job's result
+    proc.wait(timeout=60)
+    assert command[:3] == ["python", str(ROOT / "train.py"), "-m"] and command[-1] == "trainer.resume=auto"

@@ -149,9 +149,19 @@ def resume_command(run_name: str, multirun: bool) -> str:
     hc = HydraConfig.get()
     if multirun:
         keep = [o for o in sweep_command_line(hc) if not o.startswith(("trainer.resume=", "hydra.sweep.dir="))]
-        return shlex.join(["python", sys.argv[0], "-m", *keep, f"hydra.sweep.dir={hc.sweep.dir}", "trainer.resume=auto"])
+        return shlex.join(["python", _script(hc), "-m", *keep, f"hydra.sweep.dir={hc.sweep.dir}",
+                           "trainer.resume=auto"])
     keep = [o for o in hc.overrides.task if not o.startswith(("trainer.resume=", "run_name="))]
-    return shlex.join(["python", sys.argv[0], *keep, f"run_name={run_name}", "trainer.resume=auto"])
+    return shlex.join(["python", _script(hc), *keep, f"run_name={run_name}", "trainer.resume=auto"])
+
+
+def _script(hc) -> str:
+    """The app's script (train.py) as it was started; in a job that submitit (Slurm) started through its own entry
+    point, the one beside the app's conf/."""
+    if Path(sys.argv[0]).stem == hc.job.name:
+        return sys.argv[0]
+    conf = next(s.path for s in hc.runtime.config_sources if s.provider == "main")
+    return str(Path(conf).parent / f"{hc.job.name}.py")
 
 
 def sweep_command_line(hc) -> list[str]:
