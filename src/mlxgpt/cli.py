@@ -102,12 +102,25 @@ def run_hydra(main: Callable[[], object]) -> None:
             sys.exit(1)
     except Exception as e:
         message = user_message(e)
+        if message is None and type(e).__name__ == "UncompletedJobError":  # submitit's
+            print(f"mlxgpt: {uncompleted_job(e)}", file=sys.stderr)
+            sys.exit(1)
         if message is None:
             raise  # a bug: keep the traceback
         fail(message)
     except KeyboardInterrupt:  # outside the training loop, which stops on its own terms (mlxgpt.interrupt)
         print("mlxgpt: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def uncompleted_job(exc: Exception) -> str:
+    """One line for a submitted job (submitit, Slurm) that ended without a result (a signal, a time limit, a kill):
+    which job, and the last line it wrote to stderr (a stopped job's: the command that continues the sweep)."""
+    job, _, rest = str(exc).partition(" with path ")
+    state = re.search(r"\(state: (\w+)\)", rest)
+    last = next((line for line in reversed(rest.splitlines()) if line.strip() and not line.startswith("---")), "")
+    return (f"{job.strip()} ended without a result" + (f" (state {state[1]})" if state else "")
+            + (f"; its last message: {last.strip()}" if "Error stream produced" in rest else ""))
 
 
 def exit_on_user_error(task: Callable) -> Callable:
