@@ -132,6 +132,24 @@ def test_a_stopped_two_rank_run_says_to_relaunch_it_and_one_rank_resuming_it_war
     assert "global batch" not in kept.stderr
 
 
+def stop_submitted_job(sweep: subprocess.Popen, job: Path) -> list[str]:
+    """SIGTERM a submitted job once it trains, as Slurm does at a time limit; the command its train.log says continues
+    the sweep. Ends the sweep's process (submitit would wait 15 s for the stopped job's result)."""
+    def wait_for(text: str) -> str:
+        deadline = time.monotonic() + 120
+        while text not in ((job / "train.log").read_text() if (job / "train.log").exists() else ""):
+            assert sweep.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        return (job / "train.log").read_text()
+
+    wait_for("iter 1: loss")
+    os.kill(int((job / ".lock").read_text().split()[1]), signal.SIGTERM)  # the lock names the job's pid
+    command = wait_for("continue with: ").split("continue with: ")[1].split()
+    sweep.terminate()
+    sweep.wait(timeout=60)
+    return command
+
+
 def test_a_submitit_job_stopped_by_slurm_says_how_to_continue_the_sweep_with_train_py(tmp_path):
     """SIGTERM (Slurm's preemption or time limit) to a job that submitit runs through its own entry point: the command
     in its log continues the sweep with train.py."""
@@ -142,19 +160,7 @@ def test_a_submitit_job_stopped_by_slurm_says_how_to_continue_the_sweep_with_tra
                              "hydra.launcher.timeout_min=5", *TINY, "logger=none", "trainer.max_iters=100000",
                              "trainer.seed=1", f"hydra.sweep.dir={job.parent}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
-
-    def wait_for(text: str) -> str:
-        deadline = time.monotonic() + 120
-        while text not in ((job / "train.log").read_text() if (job / "train.log").exists() else ""):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        return (job / "train.log").read_text()
-
-    wait_for("iter 1: loss")
-    os.kill(int((job / ".lock").read_text().split()[1]), signal.SIGTERM)  # the lock names the job's pid
-    command = wait_for("continue with: ").split("continue with: ")[1].split()
-    proc.terminate()  # submitit would wait a while for the stopped job's result
-    proc.wait(timeout=60)
+    command = stop_submitted_job(proc, job)
     assert command[:3] == ["python", str(ROOT / "train.py"), "-m"] and command[-1] == "trainer.resume=auto"
 
 
@@ -177,3 +183,17 @@ def test_a_submitted_job_that_ended_without_a_result_is_one_line_naming_its_last
     assert exit_.value.code == 1
     assert capsys.readouterr().err == (f"mlxgpt: Job 21184 (task: 0) ended without a result (state FINISHED); its last "
                                        f"message: {stopped}\n")
+
+
+def test_a_submitit_trial_of_an_optuna_search_stopped_by_slurm_says_how_to_continue_the_search(tmp_path):
+    """Optuna writes no multirun.yaml of its own: the search's command line still reaches its submitted trials."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    job = tmp_path / "search" / "0"
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+                             "hparams_search=lr_depth_optuna", "hydra.sweeper.n_trials=1", *TINY, "logger=none",
+                             "trainer.max_iters=100000", f"hydra.sweep.dir={job.parent}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
+    command = stop_submitted_job(proc, job)
+    assert command[:3] == ["python", str(ROOT / "train.py"), "-m"] and "hparams_search=lr_depth_optuna" in command
+    assert command[-2:] == [f"hydra.sweep.dir={job.parent}", "trainer.resume=auto"]

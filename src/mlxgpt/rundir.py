@@ -165,12 +165,9 @@ def _script(hc) -> str:
 
 
 def sweep_command_line(hc) -> list[str]:
-    """A multirun's command-line overrides: as Hydra recorded them in the sweep dir's multirun.yaml, else (Optuna
-    writes none, and runs its trials in this process) this process's arguments."""
-    multirun_yaml = Path(hc.sweep.dir) / "multirun.yaml"
-    if multirun_yaml.is_file():
-        return list(OmegaConf.load(multirun_yaml).hydra.overrides.task)
-    return [a for a in sys.argv[1:] if not a.startswith("-")]
+    """A multirun's command-line overrides, as its sweep dir's multirun.yaml records them (PreflightCheck writes it
+    for every sweeper, also Optuna's; a job that submitit started has no such arguments of its own)."""
+    return list(OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml").hydra.overrides.task)
 
 
 def swept_keys(hc) -> set[str]:
@@ -263,7 +260,7 @@ class PreflightCheck(HydraCallback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """A sweep into a directory whose jobs have checkpoints continues them (trainer.resume=auto) or is refused
-        whole, before any job rewrites one of them."""
+        whole, before any job rewrites one of them; else its command line is recorded there (multirun.yaml)."""
         with _exit_on_user_error():
             if "Slurm" in str(config.hydra.launcher.get("_target_")) and shutil.which("srun") is None:
                 raise UserError("hydra/launcher=slurm needs Slurm (no srun on PATH): start the sweep on the cluster, "
@@ -276,6 +273,8 @@ class PreflightCheck(HydraCallback):
                                 f"hydra.sweep.dir")
             for run_dir in used:
                 keep_records(run_dir)
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(config, sweep_dir / "multirun.yaml")  # as Hydra's basic sweeper does; Optuna's does not
 
 
 def check_start(t: DictConfig, run_dir: Path, init_from: str | None) -> Path | None:
