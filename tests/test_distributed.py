@@ -195,5 +195,6 @@ def test_a_submitit_trial_of_an_optuna_search_stopped_by_slurm_says_how_to_conti
                              "trainer.max_iters=100000", f"hydra.sweep.dir={job.parent}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
     command = stop_submitted_job(proc, job)
-    assert command[:3] == ["python", str(ROOT / "train.py"), "-m"] and "hparams_search=lr_depth_optuna" in command
+    assert command[:6] == ["python", str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+                           "hydra.sweeper.n_trials=1", "hparams_search=lr_depth_optuna"]
     assert command[-2:] == [f"hydra.sweep.dir={job.parent}", "trainer.resume=auto"]

@@ -155,6 +155,21 @@ def test_sigint_finishes_the_step_saves_and_the_printed_command_resumes_identica
 
 
 @pytest.mark.slow
+def test_the_printed_command_continues_a_run_in_its_own_hydra_run_dir(work):
+    custom = work / "custom_dir"
+    proc = start(work, "custom", f"trainer.max_iters={ITERS}", f"hydra.run.dir={custom}")
+    wait_until(lambda: (custom / "checkpoints" / "iter_0000010").is_dir(), proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    command = shlex.split(last_line((work / "custom.err").read_text()).split("continue with: ")[1])
+    assert f"hydra.run.dir={custom}" in command
+    resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=work, env=env(work),
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"continuing from {custom}/checkpoints/" in resumed.stdout
+
+
+@pytest.mark.slow
 def test_sigterm_saves_finishes_wandb_and_never_writes_the_api_key(work):
     from wandb_file import find_run_files, read_run
 

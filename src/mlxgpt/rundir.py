@@ -142,16 +142,17 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def resume_command(run_name: str, multirun: bool) -> str:
-    """The command line that continues this run (its overrides, trainer.resume=auto); for a sweep's job, the whole
-    sweep in its directory."""
+    """The command line that continues this run (its overrides, Hydra's own too, e.g. hydra.run.dir or
+    hydra/launcher=slurm; trainer.resume=auto); for a sweep's job, the whole sweep in its directory."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
+    dropped = ("trainer.resume=", "hydra.mode=")  # Hydra adds hydra.mode itself, from -m or its absence
     if multirun:
-        keep = [o for o in sweep_command_line(hc) if not o.startswith(("trainer.resume=", "hydra.sweep.dir="))]
+        keep = [o for o in sweep_command_line(hc) if not o.startswith((*dropped, "hydra.sweep.dir="))]
         return shlex.join(["python", _script(hc), "-m", *keep, f"hydra.sweep.dir={hc.sweep.dir}",
                            "trainer.resume=auto"])
-    keep = [o for o in hc.overrides.task if not o.startswith(("trainer.resume=", "run_name="))]
+    keep = [o for o in [*hc.overrides.hydra, *hc.overrides.task] if not o.startswith((*dropped, "run_name="))]
     return shlex.join(["python", _script(hc), *keep, f"run_name={run_name}", "trainer.resume=auto"])
 
 
@@ -165,9 +166,10 @@ def _script(hc) -> str:
 
 
 def sweep_command_line(hc) -> list[str]:
-    """A multirun's command-line overrides, as its sweep dir's multirun.yaml records them (PreflightCheck writes it
-    for every sweeper, also Optuna's; a job that submitit started has no such arguments of its own)."""
-    return list(OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml").hydra.overrides.task)
+    """A multirun's command-line overrides, Hydra's own then the task's, as its sweep dir's multirun.yaml records them
+    (PreflightCheck writes it for every sweeper, also Optuna's; a job that submitit started has no such arguments)."""
+    overrides = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml").hydra.overrides
+    return [*overrides.hydra, *overrides.task]
 
 
 def swept_keys(hc) -> set[str]:
