@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
@@ -80,6 +80,7 @@ def composed():
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=st.lists(value_overrides, min_size=1, max_size=4))
+@example(overrides=["trainer=${model.n_layer}"])  # a typed group replaced by a number
 def test_value_overrides_give_a_valid_config_or_one_line(composed, overrides):
     """Hydra's own parser and override step on the composed config (the part of compose after the defaults list)."""
 

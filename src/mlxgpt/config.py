@@ -191,7 +191,7 @@ TYPED_GROUPS = ("model", "data", "optimizer", "schedule", "trainer", "logger", "
 def _added_keys(cfg: DictConfig) -> list[str]:
     """Keys of the typed groups that their schemas lack (`+trainer.max_iter=5` adds one past the schema's check)."""
     schema = OmegaConf.structured(Config)
-    return [f"{group}.{key}" for group in TYPED_GROUPS if group in cfg
+    return [f"{group}.{key}" for group in TYPED_GROUPS if OmegaConf.is_dict(cfg.get(group))
             for key in cfg[group] if key not in schema[group]]
 
 
