@@ -284,6 +284,15 @@ def test_hf_bad_settings_are_user_errors(tmp_path, tiktoken_cache):
         prepare(data_cfg(tmp_path, tokenizer="gpt2", **{**base, "data_files": str(tmp_path / "missing.parquet")}))
 
 
+def test_hf_text_column_of_numbers_is_a_user_error_naming_the_string_columns(tmp_path, tiktoken_cache):
+    pq.write_table(pa.table({"id": list(range(20)), "body": make_docs(20)}), tmp_path / "docs.parquet")
+    for streaming in (False, True):
+        cfg = data_cfg(tmp_path, source="hf", tokenizer="gpt2", hf_path="parquet", data_files=str(tmp_path / "docs.parquet"),
+                       text_column="id", streaming=streaming, num_proc=1)
+        with pytest.raises(UserError, match=r"data.text_column=id holds int64 values, not text; .*\['body'\]"):
+            prepare(cfg)
+
+
 def test_worker_processes_give_the_same_tokens_as_one_process(tmp_path, tiktoken_cache):
     pq.write_table(pa.table({"text": make_docs(700)}), tmp_path / "docs.parquet")
     cfg = dict(name="pq", source="hf", tokenizer="gpt2", hf_path="parquet", data_files=str(tmp_path / "docs.parquet"),

@@ -96,9 +96,22 @@ def load_documents(cfg):
     columns = ds.column_names
     if columns is not None and cfg.text_column not in columns:
         raise UserError(f"the dataset has no column {cfg.text_column!r} (columns: {columns}); set data.text_column")
+    _check_text_column(ds.features, cfg.text_column)
     if cfg.max_documents is not None:
         ds = ds.take(cfg.max_documents) if cfg.streaming else ds.select(range(min(cfg.max_documents, len(ds))))
     return ds
+
+
+def _check_text_column(features, column: str) -> None:
+    """UserError when the dataset's features say the text column does not hold strings."""
+    def is_text(feature) -> bool:
+        return getattr(feature, "dtype", None) in ("string", "large_string")
+
+    if features is None or is_text(features[column]):
+        return
+    kind = getattr(features[column], "dtype", type(features[column]).__name__)
+    raise UserError(f"data.text_column={column} holds {kind} values, not text; set data.text_column to a string column "
+                    f"(string columns: {[name for name, f in features.items() if is_text(f)]})")
 
 
 def hf_identity(cfg) -> dict:
