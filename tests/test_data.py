@@ -293,6 +293,17 @@ def test_hf_text_column_of_numbers_is_a_user_error_naming_the_string_columns(tmp
             prepare(cfg)
 
 
+def test_hf_path_to_a_local_folder_is_prepared_again_when_its_files_change(tmp_path, tiktoken_cache):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": make_docs(40)}), folder / "docs.parquet")
+    cfg = data_cfg(tmp_path, name="local", source="hf", tokenizer="gpt2", hf_path=str(folder), val_size=0.1, num_proc=1)
+    first = load_data(cfg)
+    pq.write_table(pa.table({"text": ["a new document"] * 10}), folder / "docs.parquet")
+    second = load_data(cfg)
+    assert second.directory != first.directory and documents(second, "train") == ["a new document"] * 9
+
+
 def test_worker_processes_give_the_same_tokens_as_one_process(tmp_path, tiktoken_cache):
     pq.write_table(pa.table({"text": make_docs(700)}), tmp_path / "docs.parquet")
     cfg = dict(name="pq", source="hf", tokenizer="gpt2", hf_path="parquet", data_files=str(tmp_path / "docs.parquet"),

@@ -117,6 +117,8 @@ def _check_text_column(features, column: str) -> None:
 def hf_identity(cfg) -> dict:
     """What determines a Hugging Face corpus: its ids, and the size and mtime of local files it reads."""
     local = [str(Path(cfg.path).expanduser())] if cfg.path else [f for f in _flatten(plain(cfg.data_files)) if "://" not in f]
+    if not cfg.path and cfg.hf_path and Path(cfg.hf_path).expanduser().exists():  # a local folder or file, not a hub id
+        local.append(cfg.hf_path)
     files = sorted({p for pattern in local for p in _expand(pattern)})
     return {
         "source": "hf", "hf_path": cfg.hf_path, "hf_name": cfg.hf_name, "hf_revision": cfg.hf_revision,
