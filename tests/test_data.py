@@ -175,6 +175,14 @@ def test_local_copy_with_wrong_checksum_is_a_user_error(tmp_path):
         prepare(data_cfg(tmp_path, source="url", path=str(tmp_path / "missing.txt")))
 
 
+def test_unwritable_data_dir_is_a_user_error_naming_the_setting(tmp_path):
+    (tmp_path / "t.txt").write_text("some text\n" * 20)
+    (tmp_path / "file").write_text("")  # a data dir below a file: unwritable even for root
+    for source in (dict(source="text", path=str(tmp_path / "t.txt")), dict(source="url", url=(tmp_path / "t.txt").as_uri())):
+        with pytest.raises(UserError, match=r"^cannot write to .*file/cache.* \(.*Not a directory.*\); .*paths.data_dir="):
+            prepare(data_cfg(tmp_path, cache="file/cache", **source))
+
+
 # ---- the loader ----
 
 def test_same_key_same_batch_and_windows_are_real_slices(tmp_path):

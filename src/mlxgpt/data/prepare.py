@@ -6,6 +6,7 @@ also keeps progress.json, so that a rerun after an interruption continues from t
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -22,13 +23,14 @@ import numpy as np
 from tqdm import tqdm
 
 from mlxgpt.data.loader import FORMAT, META_FILE, read_meta
-from mlxgpt.data.sources import hf_identity, load_documents, read_text
+from mlxgpt.data.sources import hf_identity, load_documents, read_text, unwritable
 from mlxgpt.errors import UserError
 from mlxgpt.tokenizer import get_tokenizer
 
 PROGRESS_FILE = "progress.json"
 DOCS_PER_TASK = 256  # documents per tokenizer task: big enough to amortize inter-process transfer
 SPLITS = ("train", "val")
+WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.ENOENT}
 
 
 def prepare(cfg) -> Path:
@@ -38,20 +40,30 @@ def prepare(cfg) -> Path:
     directory = Path(cfg.cache_dir).expanduser() / "prepared" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', cfg.name)}-{key}"
     if _is_prepared(directory):
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process (e.g. another rank) may be preparing the same data
-        if not _is_prepared(directory):
-            (directory / META_FILE).unlink(missing_ok=True)
-            if text is None:
-                tokenizer, splits = _tokenize_documents(cfg, directory, key)
-            else:
-                tokenizer, splits = _tokenize_text(cfg, directory, text)
-            meta = {"format": FORMAT, "name": cfg.name, "key": key, "source": spec["source"], "split": spec["split"],
-                    "tokenizer": tokenizer.to_meta(), "vocab_size": tokenizer.vocab_size, "dtype": "uint16", "splits": splits}
-            _write_json(directory / META_FILE, meta)
-            (directory / PROGRESS_FILE).unlink(missing_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process (e.g. another rank) may be preparing the same data
+            if not _is_prepared(directory):
+                _prepare_into(cfg, directory, key, spec, text)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:  # e.g. a stream's network error: not the data dir's fault
+            raise
+        raise unwritable(directory, e) from None
     return directory
+
+
+def _prepare_into(cfg, directory: Path, key: str, spec: dict, text: str | None) -> None:
+    """Tokenize into directory's shards, then write meta.json (last: it marks the directory complete)."""
+    (directory / META_FILE).unlink(missing_ok=True)
+    if text is None:
+        tokenizer, splits = _tokenize_documents(cfg, directory, key)
+    else:
+        tokenizer, splits = _tokenize_text(cfg, directory, text)
+    meta = {"format": FORMAT, "name": cfg.name, "key": key, "source": spec["source"], "split": spec["split"],
+            "tokenizer": tokenizer.to_meta(), "vocab_size": tokenizer.vocab_size, "dtype": "uint16", "splits": splits}
+    _write_json(directory / META_FILE, meta)
+    (directory / PROGRESS_FILE).unlink(missing_ok=True)
 
 
 def _source_and_spec(cfg) -> tuple[str | None, dict]:

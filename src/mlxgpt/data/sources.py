@@ -127,6 +127,12 @@ def hf_identity(cfg) -> dict:
     }
 
 
+def unwritable(directory: Path, error: OSError) -> UserError:
+    """The one-line error for a data directory that cannot be written (read-only, full, not a directory)."""
+    return UserError(f"cannot write to {directory} ({error}); free some space, or set paths.data_dir=<writable dir> "
+                     "(or MLXGPT_DATA_DIR)")
+
+
 def plain(value):
     """A Hydra/OmegaConf container as plain Python lists and dicts (other values unchanged)."""
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
@@ -134,9 +140,12 @@ def plain(value):
 
 def _download(url: str, path: Path, sha256: str | None) -> None:
     """Download url to path with a progress bar; verify sha256 before the file gets its name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as e:
+        raise unwritable(path.parent, e) from None
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             size = int(response.headers.get("Content-Length") or 0) or None
