@@ -279,6 +279,8 @@ def test_hf_saved_dataset_dir_and_max_documents(tmp_path, tiktoken_cache):
     got = documents(data, "train") + documents(data, "val")
     assert len(got) == 100 and sorted(got) == sorted(docs[:100])
     assert data.meta["splits"]["val"]["documents"] == 5
+    with pytest.raises(UserError, match=r"^data.path=.*saved has no split 'validation' \(splits: \['train'\]\); set data.hf_split$"):
+        prepare(data_cfg(tmp_path, source="hf", tokenizer="gpt2", path=str(tmp_path / "saved"), hf_split="validation"))
 
 
 def test_hf_bad_settings_are_user_errors(tmp_path, tiktoken_cache):

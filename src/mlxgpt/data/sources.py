@@ -78,10 +78,6 @@ def load_documents(cfg):
     try:
         if cfg.path:
             ds = datasets.load_from_disk(str(Path(cfg.path).expanduser()))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[cfg.hf_split]
-            if cfg.streaming:
-                ds = ds.to_iterable_dataset()
         else:
             ds = datasets.load_dataset(
                 cfg.hf_path, cfg.hf_name, revision=cfg.hf_revision, split=cfg.hf_split, data_files=plain(cfg.data_files),
@@ -93,6 +89,12 @@ def load_documents(cfg):
                                      "data.data_files='<dir>/*.parquet'")
         raise UserError(f"cannot load the dataset {where} split {cfg.hf_split} ({type(e).__name__}: {str(e)[:200]}); "
                         f"check these settings and the network{local}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.hf_split not in ds:
+            raise UserError(f"data.path={cfg.path} has no split {cfg.hf_split!r} (splits: {list(ds)}); set data.hf_split")
+        ds = ds[cfg.hf_split]
+    if cfg.path and cfg.streaming:
+        ds = ds.to_iterable_dataset()
     columns = ds.column_names
     if columns is not None and cfg.text_column not in columns:
         raise UserError(f"the dataset has no column {cfg.text_column!r} (columns: {columns}); set data.text_column")
