@@ -216,8 +216,10 @@ def test_windows_cross_shard_boundaries_as_one_stream(tmp_path):
 def test_split_shorter_than_a_block_names_split_and_fix(tmp_path):
     (tmp_path / "t.txt").write_text("abcdefghij" * 9 + "abcdefghi\n")  # 100 characters: 90 train, 10 val
     data = load_data(data_cfg(tmp_path, name="t", source="text", path=str(tmp_path / "t.txt")))
-    with pytest.raises(UserError, match=r"the val split .* 10 tokens.*lower trainer.block_size"):
+    with pytest.raises(UserError, match=r"the val split .* 10 tokens.*lower trainer.block_size, or raise data.val_fraction \(now 0.1\)$"):
         data.get_batch("val", 2, 10, (0,))
+    with pytest.raises(UserError, match=r"the train split .* 90 tokens.*lower trainer.block_size, or use more text$"):
+        data.get_batch("train", 2, 90, (0,))
     assert data.get_batch("val", 2, 9, (0,))[0].shape == (2, 9)
 
 

@@ -58,13 +58,21 @@ class TokenData:
         """batch_size windows of block_size tokens (x) and the same shifted by one (y), int32; key fixes the draw."""
         n = self.num_tokens(split)
         if n < block_size + 1:
-            raise UserError(f"the {split} split of {self.meta['name']} has {n} tokens, fewer than block_size+1 = {block_size + 1}; lower trainer.block_size")
+            raise UserError(f"the {split} split of {self.meta['name']} has {n} tokens, fewer than block_size+1 = {block_size + 1}; "
+                            f"lower trainer.block_size, or {self._more_tokens_hint(split)}")
         starts = np.random.default_rng(key).integers(0, n - block_size, size=batch_size)
         rows = np.stack([self._read(split, int(s), block_size + 1) for s in starts]).astype(np.int32)
         if rows.max() >= self.vocab_size:  # a damaged shard of the right size: the model would index past its table
             raise UserError(f"the {split} split of {self.directory} holds token id {rows.max()}, outside its "
                             f"{self.vocab_size}-token vocabulary; delete {self.directory} and prepare again")
         return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
+
+    def _more_tokens_hint(self, split: str) -> str:
+        """How to give a split more tokens: a larger held-out share for val, more text for train."""
+        if split != "val":
+            return "use more text"
+        setting = "val_size" if "val_size" in self.meta["split"] else "val_fraction"
+        return f"raise data.{setting} (now {self.meta['split'][setting]})"
 
     def _read(self, split: str, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the split, treating its shards as one stream."""
