@@ -120,6 +120,15 @@ def test_text_directory_and_glob(tmp_path):
     assert top.tokenizer.decode(np.concatenate([stream(top, "train"), stream(top, "val")])) == "alpha\nbeta\n"
 
 
+def test_windows_text_files_lose_byte_order_mark_and_carriage_returns(tmp_path):
+    root = tmp_path / "notes"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"\xef\xbb\xbfalpha\r\nbeta\r\n")
+    (root / "b.txt").write_bytes(b"\xef\xbb\xbfgamma\r\n")
+    data = TokenData(prepare(data_cfg(tmp_path, name="notes", source="text", path=str(root), val_fraction=0.5)))
+    assert data.tokenizer.decode(np.concatenate([stream(data, "train"), stream(data, "val")])) == "alpha\nbeta\ngamma\n"
+
+
 def test_text_directory_and_glob_skip_hidden_folders(tmp_path):
     root = tmp_path / ".local" / "repo"  # hidden above the given directory: still read
     (root / ".git" / "objects").mkdir(parents=True)

@@ -175,8 +175,9 @@ def _sha256(path: Path) -> str:
 
 
 def _read_utf8(path: Path) -> str:
+    """The file's text: UTF-8 without a byte-order mark (Windows editors write one), newlines as \\n."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 or leave it out of data.path") from None
 
