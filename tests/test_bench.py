@@ -1,6 +1,8 @@
 """The benchmark harness on a tiny model: ours and the bare step timed side by side, a Markdown table written."""
 import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,8 @@ import pytest
 from mlxgpt.bench import compose, main, run, table_name
 from mlxgpt.errors import UserError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 TINY = ["model=nano", "model.n_embd=32", "trainer.batch_size=2", "trainer.block_size=16"]
 
 
@@ -49,3 +52,10 @@ def test_ours_is_timed_by_stretches_and_each_contender_gets_as_many_steps(tmp_pa
     assert not skipped and trainer.iter == 1 + 5 + 2  # warm-up, timed steps, an untimed step before each later turn
     a, b, c = ours.step_s[0], ours.step_s[2], ours.step_s[4]
     assert ours.step_s == [a, a, b, b, c] and len({a, b, c}) == 3 and len(bare.step_s) == 5
+
+
+def test_bench_override_that_hydra_rejects_with_a_plain_error_is_one_line(tmp_path):
+    """`model=1.5` makes Hydra raise a ValueError (not a HydraException): one line and exit 2, as train.py."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(tmp_path), "model=1.5"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("error: invalid override") and "Traceback" not in out.stderr
