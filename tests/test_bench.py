@@ -59,3 +59,17 @@ def test_bench_override_that_hydra_rejects_with_a_plain_error_is_one_line(tmp_pa
     out = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--out", str(tmp_path), "model=1.5"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.startswith("error: invalid override") and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--round", "0"], "--round 0: must be >= 1"),  # was a ZeroDivisionError
+    (["--torch-threads", "0"], "--torch-threads 0: must be >= 1"),  # was ignored (and -3 a torch RuntimeError)
+    (["--steps", "0"], "--steps 0: must be >= 1"),
+    (["--contenders", "ours,torch"], "--contenders 'ours,torch': unknown torch"),
+    (["--name", "a/b"], "--name 'a/b' is not a file name"),  # was a FileNotFoundError after the run
+    (["--out", "/proc/no/such"], "cannot create --out /proc/no/such"),
+])
+def test_bench_flags_are_checked_before_the_run(tmp_path, flags, message):
+    with pytest.raises(UserError) as e:
+        main(["--out", str(tmp_path), *flags, *TINY], conf_dir=CONF)
+    assert str(e.value).startswith(message) and "; " in str(e.value)

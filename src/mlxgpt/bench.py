@@ -359,6 +359,23 @@ def table_name(base: str, overrides: list[str]) -> str:
     return name
 
 
+def check_args(args) -> list[str]:
+    """The contenders to time; a UserError for the first bad flag."""
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = sorted(set(contenders) - {"ours", "bare", "nanogpt"})
+    if not contenders or unknown:
+        problem = f"unknown {', '.join(unknown)}" if unknown else "no contender"
+        raise UserError(f"--contenders {args.contenders!r}: {problem}; "
+                        "give any subset of ours,bare,nanogpt, e.g. --contenders ours,bare")
+    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup), ("--round", args.round_steps),
+                        ("--torch-threads", args.torch_threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1; give a positive number")
+    if args.name and ("/" in args.name or args.name in (".", "..")):
+        raise UserError(f"--name {args.name!r} is not a file name; put the directory in --out")
+    return contenders
+
+
 def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides as for train.py (after the preset's)")
@@ -376,9 +393,12 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
     parser.add_argument("--name", help="file name of the table (default: <preset>-<backend>[-<ranks>ranks] and the "
                         "overrides, so a run with other settings does not replace the preset's table)")
     args = parser.parse_args(argv)
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    if not contenders or set(contenders) - {"ours", "bare", "nanogpt"} or args.steps < 1 or args.warmup < 1:
-        raise UserError("--contenders takes ours,bare,nanogpt (any subset); --steps and --warmup must be >= 1")
+    contenders = check_args(args)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # now, not after a long run
+    except OSError as e:
+        raise UserError(f"cannot create --out {out} ({e.strerror}); pick a writable directory") from None
     conf_dir = conf_dir or Path.cwd() / "conf"
     cfg = compose(conf_dir, PRESETS[args.preset] + QUIET_RUN + list(args.overrides))
     results, skipped, trainer = run(cfg, contenders, args.steps, args.warmup, min(args.round_steps, args.steps),
@@ -393,8 +413,6 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
     name = args.name or table_name(f"{args.preset}-{device.backend()}{ranks}", args.overrides)
     text = report(results, skipped, trainer, peak, f"Training speed: {name}", command)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(text)
     print(f"written: {out / (name + '.md')}")
     return 0
