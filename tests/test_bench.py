@@ -73,3 +73,12 @@ def test_bench_flags_are_checked_before_the_run(tmp_path, flags, message):
     with pytest.raises(UserError) as e:
         main(["--out", str(tmp_path), *flags, *TINY], conf_dir=CONF)
     assert str(e.value).startswith(message) and "; " in str(e.value)
+
+
+def test_bench_with_every_contender_skipped_is_an_error_not_an_empty_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("NANOGPT_DIR", raising=False)
+    with pytest.raises(UserError, match=r"^nothing to time \(nanoGPT PyTorch step skipped: .*add ours or bare"):
+        main(["--contenders", "nanogpt", "--steps", "1", "--warmup", "1", "--out", str(tmp_path / "out"), *TINY],
+             conf_dir=CONF)
+    assert not list((tmp_path / "out").iterdir())

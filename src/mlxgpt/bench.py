@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
                                     find_nanogpt(args.nanogpt), args.torch_compile, args.torch_threads)
     if not trainer.is_main:
         return 0
+    if not results:
+        raise UserError(f"nothing to time ({'; '.join(skipped)}); fix that, or add ours or bare to --contenders")
     peak = max(device.peak_flops(cfg.trainer.dtype) or 0 for _ in range(3)) * trainer.world or None  # CPU: best of 3
     env = [f"{k}={os.environ[k]}" for k in RUN_ENV if k in os.environ]
     launch = [f"mlx.launch -n {trainer.world} --backend ring --"] if trainer.world > 1 else []
