@@ -82,3 +82,18 @@ def test_bench_with_every_contender_skipped_is_an_error_not_an_empty_table(tmp_p
         main(["--contenders", "nanogpt", "--steps", "1", "--warmup", "1", "--out", str(tmp_path / "out"), *TINY],
              conf_dir=CONF)
     assert not list((tmp_path / "out").iterdir())
+
+
+def _peaks_mb(contenders: list[str]) -> dict[str, float]:
+    cfg = compose(CONF, ["model=nano", "model.n_embd=128", "trainer.batch_size=2", "trainer.block_size=16",
+                         "logger=none", "callbacks.sample.max_new_tokens=0"])
+    results, _, _ = run(cfg, contenders, steps=2, warmup=1, round_steps=1, nanogpt=None)
+    return {r.name.split(" ")[0]: r.peak_memory_gb * 1e3 for r in results}
+
+
+def test_each_contenders_peak_memory_is_its_own(tmp_path, monkeypatch):
+    """Ours' peak leaves out the bare step's model and optimizer state held between its turns (was +40% here)."""
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    alone, together = _peaks_mb(["ours"]), _peaks_mb(["ours", "bare"])
+    assert together["ours"] == pytest.approx(alone["ours"], rel=0.05)
+    assert together["bare"] == pytest.approx(_peaks_mb(["bare"])["bare"], rel=0.05)

@@ -186,6 +186,7 @@ class Rounds(Callback):
     def __init__(self, warmup: int, round_steps: int, others: list, ours: Result):
         self.warmup, self.round_steps, self.others, self.ours = warmup, round_steps, others, ours
         self.start, self.steps, self.settling = 0.0, 0, False
+        self.others_bytes = 0  # MLX memory the other contenders hold between their turns: not ours
 
     def on_train_start(self, trainer) -> None:
         mx.reset_peak_memory()
@@ -208,7 +209,7 @@ class Rounds(Callback):
         n, self.steps = self.steps, 0
         self.ours.step_s += [(time.perf_counter() - self.start) / n] * n
         if self.ours.peak_memory_gb is None:
-            self.ours.peak_memory_gb = mx.get_peak_memory() / 1e9
+            self.ours.peak_memory_gb = (mx.get_peak_memory() - self.others_bytes) / 1e9
         for other in self.others:
             take_turn(other, n)
         self.settling = bool(self.others)
@@ -228,8 +229,9 @@ def timed_step(contender) -> None:
     contender.result.step_s.append(time.perf_counter() - start)
 
 
-def warm_up(contender, steps: int) -> None:
-    """The first step (compile) and warm-up steps; their times are not in the median."""
+def warm_up(contender, steps: int, held: int) -> None:
+    """The first step (compile) and warm-up steps; their times are not in the median. The peak memory counts what
+    the process holds above `held` bytes (ours' model and data)."""
     mx.reset_peak_memory()
     start = time.perf_counter()
     contender.step()
@@ -239,7 +241,7 @@ def warm_up(contender, steps: int) -> None:
     if isinstance(contender, NanoGPTStep):
         contender.result.peak_memory_gb = contender.peak_memory_gb()
     else:
-        contender.result.peak_memory_gb = mx.get_peak_memory() / 1e9
+        contender.result.peak_memory_gb = (mx.get_peak_memory() - held) / 1e9
 
 
 # ------------------------------------------------------------------------------------------------------- running
@@ -282,6 +284,7 @@ def run(cfg, contenders: list[str], steps: int, warmup: int, round_steps: int, n
         rounds = Rounds(warmup, round_steps, others, ours)
         trainer = build_trainer(cfg, Path(run_dir), extra_callbacks=(rounds,))
         ours.tokens_per_step = trainer.tokens_per_iter
+        held = mx.get_active_memory()
         if "bare" in contenders:
             others.append(BareStep(trainer))
         if "nanogpt" in contenders:
@@ -291,7 +294,8 @@ def run(cfg, contenders: list[str], steps: int, warmup: int, round_steps: int, n
             elif trainer.is_main:
                 others.append(NanoGPTStep(trainer, nanogpt, torch_compile, torch_threads))
         for other in others:
-            warm_up(other, warmup)
+            warm_up(other, warmup, held)
+        rounds.others_bytes = mx.get_active_memory() - held
         if "ours" in contenders:
             trainer.fit()
         else:
