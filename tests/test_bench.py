@@ -97,3 +97,12 @@ def test_each_contenders_peak_memory_is_its_own(tmp_path, monkeypatch):
     alone, together = _peaks_mb(["ours"]), _peaks_mb(["ours", "bare"])
     assert together["ours"] == pytest.approx(alone["ours"], rel=0.05)
     assert together["bare"] == pytest.approx(_peaks_mb(["bare"])["bare"], rel=0.05)
+
+
+def test_torch_flags_name_the_table_so_the_presets_table_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("NANOGPT_DIR", raising=False)
+    main(["--steps", "1", "--warmup", "1", "--contenders", "bare", "--torch-threads", "1", "--torch-compile", "off",
+          "--out", str(tmp_path / "out"), *TINY[:2]], conf_dir=CONF)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [
+        "cpu-cpu-torch-compile=off-torch-threads=1-model=nano-model.n_embd=32.md"]

@@ -394,8 +394,9 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
                         help="torch.compile the nanoGPT model (auto: on CUDA only, as nanoGPT's CPU recipe)")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads for nanoGPT (default: torch's)")
     parser.add_argument("--out", default="experiments/bench", help="directory for the Markdown table")
-    parser.add_argument("--name", help="file name of the table (default: <preset>-<backend>[-<ranks>ranks] and the "
-                        "overrides, so a run with other settings does not replace the preset's table)")
+    parser.add_argument("--name", help="file name of the table (default: <preset>-<backend>[-<ranks>ranks], the "
+                        "--torch-* flags given and the overrides, so a run with other settings does not replace the "
+                        "preset's table)")
     args = parser.parse_args(argv)
     contenders = check_args(args)
     out = Path(args.out)
@@ -416,7 +417,9 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
     launch = [f"mlx.launch -n {trainer.world} --backend ring --"] if trainer.world > 1 else []
     command = " ".join([*env, *launch, "python bench.py", *(argv if argv is not None else sys.argv[1:])])
     ranks = f"-{trainer.world}ranks" if trainer.world > 1 else ""
-    name = args.name or table_name(f"{args.preset}-{device.backend()}{ranks}", args.overrides)
+    torch_flags = ([f"torch-compile={args.torch_compile}"] if args.torch_compile != "auto" else []) + \
+                  ([f"torch-threads={args.torch_threads}"] if args.torch_threads else [])
+    name = args.name or table_name(f"{args.preset}-{device.backend()}{ranks}", torch_flags + args.overrides)
     text = report(results, skipped, trainer, peak, f"Training speed: {name}", command)
     print(text)
     (out / f"{name}.md").write_text(text)
