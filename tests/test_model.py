@@ -300,3 +300,13 @@ def test_bench_sample_prints_a_table_for_a_tiny_model(capsys):
     assert main(args.split()) == 0
     out = capsys.readouterr().out
     assert "| on |" in out and "| off |" in out and "speed-up:" in out
+
+
+@pytest.mark.parametrize("args, message", [("--tokens 0", "error: --tokens 0: must be >= 1;"),
+                                           ("--n-head 5", "error: n_embd=32 is not divisible by n_head=5;")])
+def test_bench_sample_bad_arguments_are_one_line(capsys, args, message):
+    from mlxgpt.bench_sample import main
+
+    with pytest.raises(SystemExit) as e:
+        main(f"--n-layer 1 --n-head 2 --n-embd 32 {args}".split())
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(message)

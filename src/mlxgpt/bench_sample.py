@@ -8,6 +8,8 @@ import time
 
 import mlx.core as mx
 
+from mlxgpt.cli import fail
+from mlxgpt.errors import UserError
 from mlxgpt.model import GPT, GPTConfig
 
 
@@ -29,11 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=200, help="tokens to generate")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for key, value in vars(args).items():
+        minimum = {"seed": 0, "vocab_size": 2}.get(key, 1)
+        if value < minimum:
+            fail(f"--{key.replace('_', '-')} {value}: must be >= {minimum}; give a larger number")
 
     mx.random.seed(args.seed)
     config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd)
-    model = GPT(config)
+    try:
+        model = GPT(config)
+    except UserError as e:  # a model shape that cannot be built (n_embd not divisible by n_head)
+        fail(str(e))
     model.eval()
     mx.eval(model.parameters())
     prompt = mx.random.randint(0, config.vocab_size, (1, args.prompt_tokens))
