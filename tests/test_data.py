@@ -446,6 +446,17 @@ def test_bench_prepare_runs_and_matches_nanogpt_tokens(tiktoken_cache):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("args", [["--mb", "0.01"], ["--num-proc", "0"]])
+def test_bench_prepare_user_errors_are_one_line(tmp_path, args):
+    """Offline without the GPT-2 ranks (was a ConnectionError traceback from a child), or a size below 1."""
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    out = subprocess.run([sys.executable, "-m", "mlxgpt.bench_prepare", *args], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1
+    assert ("TIKTOKEN_CACHE_DIR" if args[0] == "--mb" else "--num-proc 0: must be > 0") in out.stderr
+
+
+@pytest.mark.slow
 def test_openwebtext_offline_is_one_line_naming_the_local_copy_options(tmp_path, tiktoken_cache):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

@@ -30,16 +30,19 @@ PIPELINES = {
 
 
 def make_corpus(directory: Path, megabytes: float) -> None:
-    """Write parquet files of English-like documents (3-40 random pydoc paragraphs each); print the counts as JSON."""
+    """Write parquet files of English-like documents (3-40 random pydoc paragraphs each, two files' worth at least);
+    print the counts as JSON. First checks that the GPT-2 BPE ranks load, before anything is timed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from mlxgpt.data.sources import pydoc_text
+    from mlxgpt.tokenizer import GPT2Tokenizer
 
+    GPT2Tokenizer()  # offline without the ranks: a UserError saying how to provide them
     paragraphs = [p for p in pydoc_text().split("\n\n") if len(p.strip()) > 40]
     rng = random.Random(0)
     docs, size = [], 0
-    while size < megabytes * 1e6:
+    while size < megabytes * 1e6 or len(docs) < 2 * CORPUS_FILES:  # no file empty, a train and a val document
         docs.append("\n\n".join(rng.choices(paragraphs, k=rng.randint(3, 40))))
         size += len(docs[-1].encode())
     directory.mkdir(parents=True, exist_ok=True)
@@ -117,6 +120,9 @@ def run_child(*args: str, env: dict | None = None) -> dict:
     process stays small (it imports nothing beyond the standard library and numpy).
     """
     done = subprocess.run([sys.executable, "-m", "mlxgpt.bench_prepare", *args], env=env, capture_output=True, text=True)
+    if done.returncode == 2 and done.stderr.startswith("error: "):  # a user error, one line: pass it on
+        print(done.stderr.strip(), file=sys.stderr)
+        sys.exit(2)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -138,8 +144,20 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    bad = [(flag, value) for flag, value in (("--mb", args.mb), ("--num-proc", args.num_proc), ("--repeat", args.repeat))
+           if not value > 0]
+    if bad:
+        from mlxgpt.cli import fail  # only here: its imports would grow this process, whose RSS its children inherit
+
+        fail(f"{bad[0][0]} {bad[0][1]}: must be > 0; give a positive number")
     if args.child == "corpus":
-        return make_corpus(args.out, args.mb)
+        from mlxgpt.cli import fail
+        from mlxgpt.errors import UserError
+
+        try:
+            return make_corpus(args.out, args.mb)
+        except UserError as e:
+            fail(str(e))
     if args.child:
         return child(args.child, args.corpus, args.out, args.num_proc)
     with tempfile.TemporaryDirectory(prefix="mlxgpt-bench-prepare-") as tmp:
