@@ -48,6 +48,7 @@ bench-prepare:  ## data prepare throughput and peak memory vs a nanoGPT-style da
 	$(PY) -m mlxgpt.bench_prepare $(ARGS)
 
 compare:  ## table + plots of runs: make compare RUNS=logs/multiruns/<sweep> [OUT=dir]
+	@test -n "$(RUNS)" || { echo "error: no runs given; make compare RUNS=logs/multiruns/<sweep> [OUT=dir]" >&2; exit 2; }
 	$(PY) compare.py $(RUNS) $(if $(OUT),--out $(OUT))
 
 study-lr-depth:  ## experiments/lr_depth: 3x3 lr x depth sweep on CPU, then its table and plots
