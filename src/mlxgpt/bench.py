@@ -279,6 +279,7 @@ def run(cfg, contenders: list[str], steps: int, warmup: int, round_steps: int, n
     total_iters = warmup + steps + (steps - 1) // round_steps  # one untimed step to start each later turn
     cfg.trainer.max_iters = total_iters
     cfg.trainer.eval_interval = total_iters + 1  # no evaluation inside the timed loop
+    cfg.schedule.warmup_iters = min(cfg.schedule.warmup_iters, total_iters - 1)  # the lr does not change a step's time
     others, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="mlxgpt-bench-") as run_dir, contextlib.redirect_stdout(io.StringIO()):
         rounds = Rounds(warmup, round_steps, others, ours)
