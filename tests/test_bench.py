@@ -1,6 +1,7 @@
 """The benchmark harness on a tiny model: ours and the bare step timed side by side, a Markdown table written."""
 import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,7 @@ def test_bench_with_every_contender_skipped_is_an_error_not_an_empty_table(tmp_p
 
 
 def _peaks_mb(contenders: list[str]) -> dict[str, float]:
+    gc.collect()  # an earlier run's trainer (held in reference cycles) would count in this run's peak
     cfg = compose(CONF, ["model=nano", "model.n_embd=128", "trainer.batch_size=2", "trainer.block_size=16",
                          "logger=none", "callbacks.sample.max_new_tokens=0"])
     results, _, _ = run(cfg, contenders, steps=2, warmup=1, round_steps=1, nanogpt=None)
