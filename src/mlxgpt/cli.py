@@ -36,7 +36,7 @@ def one_line(exc: BaseException) -> str:
         return f"cannot delete '{deleted[1]}': no such key; check the spelling, `--cfg job` lists every key"
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
-        options = exc.options or [p.stem for p in (Path(sys.argv[0]).parent / "conf" / group).glob("*.yaml")]
+        options = exc.options or [p.stem for p in (_app_conf() / group).glob("*.yaml")]
         if options:
             return f"no option '{name}' in config group '{group}'; available: {', '.join(sorted(options))}"
     for cause in _causes(exc):
@@ -57,8 +57,13 @@ def _unlisted_callback(key: str) -> str | None:
     """The callback of a `callbacks.<name>...` key when conf/callbacks/ has it (so it is left out of the run's list)."""
     group, _, rest = key.partition(".")
     name = rest.split(".")[0]
-    conf = Path(sys.argv[0]).parent / "conf" / "callbacks" / f"{name}.yaml"
+    conf = _app_conf() / "callbacks" / f"{name}.yaml"
     return name if group == "callbacks" and name and conf.is_file() else None
+
+
+def _app_conf() -> Path:
+    """The running script's conf/ directory (its config groups), where Hydra's error does not list them."""
+    return Path(sys.argv[0]).parent / "conf"
 
 
 def user_message(exc: BaseException) -> str | None:

@@ -1,4 +1,8 @@
-"""The one exception type for problems a user can fix (bad config, data, checkpoint)."""
+"""The one exception type for problems a user can fix (bad config, data, checkpoint), and the write failures that are
+such problems."""
+import errno
+
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})  # a write
 
 
 class UserError(Exception):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import json
 import math
@@ -23,7 +22,7 @@ from mlxgpt.callbacks.base import Callback
 from mlxgpt.cli import EXIT_USER_ERROR, report_failed_jobs
 from mlxgpt.config import validate
 from mlxgpt.data import load_data
-from mlxgpt.errors import UserError
+from mlxgpt.errors import DISK_ERRORS, UserError
 from mlxgpt.interrupt import Interrupted
 from mlxgpt.log import FILE_ONLY, log
 from mlxgpt.model import GPT, GPTConfig
@@ -33,7 +32,6 @@ from mlxgpt.rundir import (check_same_job, check_start, holds_lock, is_main_proc
                            settle_records, unlock_run_dir)
 from mlxgpt.trainer import Trainer, load_weights
 
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class AlreadyFinished(Exception):

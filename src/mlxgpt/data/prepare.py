@@ -24,13 +24,13 @@ from tqdm import tqdm
 
 from mlxgpt.data.loader import FORMAT, META_FILE, read_meta
 from mlxgpt.data.sources import hf_identity, load_documents, read_text, unwritable
-from mlxgpt.errors import UserError
+from mlxgpt.errors import DISK_ERRORS, UserError
 from mlxgpt.tokenizer import get_tokenizer
 
 PROGRESS_FILE = "progress.json"
 DOCS_PER_TASK = 256  # documents per tokenizer task: big enough to amortize inter-process transfer
 SPLITS = ("train", "val")
-WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.ENOENT}
+WRITE_ERRORS = DISK_ERRORS | {errno.ENOTDIR, errno.ENOENT}  # the data dir's path, below a file or gone
 
 
 def prepare(cfg) -> Path:
