@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from mlxgpt.config import register_configs, validate
+from mlxgpt.config import TYPED_GROUPS, Config, register_configs, validate
 from mlxgpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,14 @@ def test_defaults_are_the_embedded_offline_job():
     cfg = make()
     assert cfg.data.source == "pydoc" and cfg.model.name == "mini" and cfg.logger.mode == "auto"
     assert set(cfg.callbacks) >= {"checkpoint", "evaluation", "metrics", "progress", "throughput", "sample"}
+
+
+def test_schema_defaults_are_the_composed_defaults():
+    """The schema's defaults describe `python train.py`: no key of a typed group has another default there."""
+    composed = OmegaConf.to_container(make(), resolve=False)
+    schema = OmegaConf.to_container(OmegaConf.structured(Config), resolve=False)
+    for group in TYPED_GROUPS:
+        assert schema[group] == composed[group], group
 
 
 def test_experiment_shakespeare_char_cpu_is_nanogpt_readme_cpu_config():

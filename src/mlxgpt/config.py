@@ -13,11 +13,11 @@ from mlxgpt.errors import UserError
 
 @dataclass
 class ModelConfig:
-    name: str = "baby"
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    block_size: int = 256
+    name: str = "mini"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
     vocab_size: Optional[int] = None  # None: the data's tokenizer vocab (GPT-2 BPE padded to a multiple of 64)
     dropout: float = 0.0
     bias: bool = True
@@ -71,11 +71,11 @@ class ScheduleConfig:
 @dataclass
 class TrainerConfig:
     device: str = "auto"  # auto | gpu | cpu
-    max_iters: int = 2000
+    max_iters: int = 600
     batch_size: int = 12
     block_size: Optional[int] = None  # None: model.block_size
     gradient_accumulation_steps: int = 1
-    eval_interval: int = 250
+    eval_interval: int = 100
     eval_iters: int = 20
     log_interval: int = 10
     grad_clip: float = 1.0  # 0 disables clipping
@@ -103,8 +103,8 @@ class LoggerConfig:
 
 @dataclass
 class PathsConfig:
-    data_dir: str = "data"
-    log_dir: str = "logs"
+    data_dir: str = "${oc.env:MLXGPT_DATA_DIR,data}"
+    log_dir: str = "${oc.env:MLXGPT_LOG_DIR,logs}"
 
 
 @dataclass
