@@ -116,11 +116,11 @@ def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
     assert (sweep_dir / "summary.md").is_file()
 
 
-# train.py with a Ctrl-C arriving while the job reads its data (before the training loop and its signal handler)
-CTRL_C_IN_SETUP = """import os, runpy, signal, sys
+# train.py with a Ctrl-C arriving while the second job reads its data (before the training loop and its signal handler)
+CTRL_C_IN_SETUP = """import itertools, os, runpy, signal, sys
 import mlxgpt.task as task
-load = task.load_data
-task.load_data = lambda cfg: (os.kill(os.getpid(), signal.SIGINT), load(cfg))[1]
+load, jobs = task.load_data, itertools.count()
+task.load_data = lambda cfg: (next(jobs) == 1 and os.kill(os.getpid(), signal.SIGINT), load(cfg))[1]
 sys.argv[0] = sys.argv[1]
 del sys.argv[1]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -128,15 +128,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.mark.slow
-def test_a_sweep_stopped_by_ctrl_c_before_training_is_interrupted_and_says_how_to_continue(tmp_path):
+def test_a_sweep_stopped_by_ctrl_c_before_training_is_interrupted_says_how_to_continue_and_has_a_summary(tmp_path):
     env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data")}
     proc = subprocess.run([sys.executable, "-c", CTRL_C_IN_SETUP, str(ROOT / "train.py"), "-m", *TINY,
-                           f"paths.log_dir={tmp_path}/logs", "hydra.sweep.dir=logs/sweep", "optimizer.lr=1e-3,2e-3"],
+                           f"paths.log_dir={tmp_path}/logs", "hydra.sweep.dir=logs/sweep",
+                           "optimizer.lr=1e-3,2e-3,3e-3"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("mlxgpt: stopped by SIGINT before training started; no checkpoint saved; continue with:")
     assert message.endswith("hydra.sweep.dir=logs/sweep trainer.resume=auto")
-    job = tmp_path / "logs" / "sweep" / "0"
-    assert result(job) == {"status": "interrupted", "iter": None} and not (job.parent / "1").exists()
-    assert "Traceback" not in (job / "train.log").read_text()
+    sweep = tmp_path / "logs" / "sweep"
+    assert result(sweep / "1") == {"status": "interrupted", "iter": None} and not (sweep / "2").exists()
+    assert "Traceback" not in (sweep / "1" / "train.log").read_text()
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))  # the jobs so far, though the multirun never ended
+    assert [(r["run"], r["status"], r["is_best"]) for r in rows] == [("0", "ok", "True"), ("1", "interrupted", "False")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -225,13 +226,22 @@ def write_table(runs: list[Run], out_dir: Path, stem: str) -> tuple[Path, Path]:
     common = [f"{k}={_given(runs, k)}" for k in _overridden(runs) if k not in keys] if len(runs) > 1 else []
     if common:
         md += ["", f"Common to all runs: `{' '.join(common)}`"]
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
     md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
-    md_path.write_text("\n".join(md) + "\n")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    _replace(md_path, "\n".join(md) + "\n")
+    _replace(csv_path, table.getvalue())
     return md_path, csv_path
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write a file whole (a reader, or a sweep's job writing it at the same time, never sees it half written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def plot_val_curves(runs: list[Run], path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""At the end of a multirun, write summary.md + summary.csv to the sweep dir: every job, its status, the best marked."""
+"""A sweep's summary.md + summary.csv in its sweep dir (every job, its status, the best marked): updated as each job
+ends, and reported at the end of the multirun."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mlxgpt.cli import report_failed_jobs
-from mlxgpt.compare import best_run, describe, load_runs, varying_keys, write_table
+from mlxgpt.compare import Run, best_run, describe, load_runs, varying_keys, write_table
 from mlxgpt.errors import UserError
 from mlxgpt.rundir import settle_sweep
 
@@ -19,19 +20,28 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         settle_sweep(sweep_dir)
-        try:
-            runs = load_runs([sweep_dir])
-        except UserError as e:  # no job got as far as writing its run dir
-            print(f"mlxgpt: no sweep summary written: {e}")
+        runs = write_summary(sweep_dir)
+        if runs is None:  # no job got as far as writing its run dir
+            print(f"mlxgpt: no sweep summary written: no job directory in {sweep_dir}")
             report_failed_jobs(["all"])
             return
-        md, csv = write_table(runs, sweep_dir, "summary")
         failed = [r for r in runs if r.status != "ok"]
         best = best_run(runs)
-        print(f"mlxgpt: sweep of {len(runs)} jobs ({len(failed)} failed) summarised in {md} and {csv}")
+        print(f"mlxgpt: sweep of {len(runs)} jobs ({len(failed)} failed) summarised in {sweep_dir / 'summary.md'} "
+              f"and {sweep_dir / 'summary.csv'}")
         if best is not None:
             print(f"mlxgpt: best job {best.name}: {describe(best, varying_keys(runs))}, "
                   f"best val loss {best.best_val_loss:.4f}")
         else:
             print("mlxgpt: no job finished, so there is no best job (whatever a sweeper printed as best)")
         report_failed_jobs([r.name for r in failed])
+
+
+def write_summary(sweep_dir: Path) -> list[Run] | None:
+    """summary.md + summary.csv of the sweep's jobs so far (also written as each job ends); None when it has none."""
+    try:
+        runs = load_runs([sweep_dir])
+    except UserError:
+        return None
+    write_table(runs, sweep_dir, "summary")
+    return runs

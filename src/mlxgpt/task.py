@@ -30,6 +30,7 @@ from mlxgpt.optim import build_optimizer, build_schedule
 from mlxgpt.pretrained import GPT2_SIZES, exported_char_vocabulary, load_pretrained
 from mlxgpt.rundir import (check_same_job, check_start, holds_lock, is_main_process, lock_run_dir, resume_command,
                            settle_records, unlock_run_dir)
+from mlxgpt.sweep import write_summary
 from mlxgpt.trainer import Trainer, load_weights
 
 
@@ -76,14 +77,18 @@ def train(cfg: DictConfig) -> float:
             sys.exit(EXIT_USER_ERROR)
         log.error(traceback.format_exc().rstrip(), extra=FILE_ONLY)  # the console gets it from Python
         raise
+    else:
+        if is_main_process():  # the other ranks of a distributed run write nothing
+            settle_records(run_dir, failed=False)
+            _write_result(run_dir, {"status": "ok", **summary})
+        return summary.get("best/val_loss", math.nan)
     finally:
         unlock_run_dir(run_dir)
+        if multirun and is_main_process():  # the sweep's summary so far: there is one even if the sweep is stopped
+            with contextlib.suppress(OSError):
+                write_summary(Path(HydraConfig.get().sweep.dir))
         gc.collect()  # a multirun's jobs share this process: free this job's arrays (cycles hold the model)...
         mx.clear_cache()  # ...and give MLX's buffer cache back before the next job
-    if is_main_process():  # the other ranks of a distributed run write nothing
-        settle_records(run_dir, failed=False)
-        _write_result(run_dir, {"status": "ok", **summary})
-    return summary.get("best/val_loss", math.nan)
 
 
 def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
