@@ -18,6 +18,7 @@ from mlxgpt.config import DataConfig
 from mlxgpt.data import TokenData, load_data, prepare
 from mlxgpt.data.sources import pydoc_text
 from mlxgpt.errors import UserError
+from mlxgpt.hub import PROXY_VARIABLES
 
 prepare_module = importlib.import_module("mlxgpt.data.prepare")  # the module (mlxgpt.data.prepare is the function)
 REAL_TOKENIZE, REAL_WRITE_JSON = prepare_module._tokenize_batch, prepare_module._write_json
@@ -459,11 +460,13 @@ def test_bench_prepare_user_errors_are_one_line(tmp_path, args):
 @pytest.mark.slow
 def test_openwebtext_offline_is_one_line_naming_the_local_copy_options(tmp_path, tiktoken_cache):
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "MLXGPT_DATA_DIR": str(tmp_path / "data")}
+    env = {**os.environ, "HF_ENDPOINT": "https://hub.invalid", "MLXGPT_DATA_DIR": str(tmp_path / "data")}
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", *PROXY_VARIABLES):
+        env.pop(name, None)  # no network: the hub's host does not resolve, and the load fails at once
     proc = subprocess.run([sys.executable, str(root / "train.py"), "data=openwebtext", "model=nano", "logger=none",
                            f"paths.log_dir={tmp_path}/logs"], capture_output=True, text=True, cwd=tmp_path, env=env,
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: cannot load the dataset data.hf_path=Skylion007/openwebtext")
-    assert "data.hf_path=parquet data.data_files='<dir>/*.parquet'" in proc.stderr
+    assert "data.hf_path=parquet data.data_files='<dir>/*.parquet'" in proc.stderr and "Retrying" not in proc.stderr
+    assert "hub.invalid does not resolve (no network?)" in proc.stdout

@@ -9,6 +9,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlxgpt.errors import UserError
+from mlxgpt.hub import offline_unless_reachable
 from mlxgpt.model import GPT, GPTConfig
 
 GPT2_SIZES = {
@@ -54,6 +55,7 @@ def _resolve(name_or_path: str) -> tuple[Path, Path]:
         "(or gpt2-medium/-large/-xl) where there is network, copy DIR here and set init_from=DIR"
     )
     if name_or_path in GPT2_SIZES:
+        offline_unless_reachable()
         from huggingface_hub import hf_hub_download
 
         try:

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mlxgpt.errors import UserError
+from mlxgpt.hub import offline_unless_reachable
 
 def read_text(cfg) -> tuple[str, str]:
     """A single-text corpus (pydoc, url or text) and the sha256 of its content."""
@@ -73,6 +74,8 @@ def text_files(pattern: str | None) -> list[Path]:
 
 def load_documents(cfg):
     """The documents of a Hugging Face dataset: a datasets.Dataset, or an IterableDataset when data.streaming."""
+    if not cfg.path:
+        offline_unless_reachable()
     import datasets
 
     try:
