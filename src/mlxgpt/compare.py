@@ -341,7 +341,8 @@ def plot_heatmap(runs: list[Run], x_key: str, y_key: str, path: Path) -> Path:
     fig.colorbar(image, ax=ax, label="best val loss")
     for i in range(len(ys)):
         for j in range(len(xs)):
-            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=9)
+            dark = np.isfinite(grid[i, j]) and sum(image.to_rgba(grid[i, j])[:3]) < 1.2  # dark red or green ends
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=9, color="white" if dark else "black")
     if _placed(best, x_key, y_key):
         i, j = ys.index(best.value(y_key)), xs.index(best.value(x_key))
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5))
