@@ -113,6 +113,27 @@ def test_wandb_failure_warns_once_and_training_goes_on(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_wandb_error_of_several_lines_is_a_one_line_warning(tmp_path):
+    proc = train(tmp_path, "run_name=r", f"logger.tags=[{'x' * 70}]")  # W&B refuses tags over 64 characters
+    (warning,) = [line for line in proc.stderr.splitlines() if "W&B logging stopped" in line]
+    assert "ValidationError" in warning and warning.endswith("training continues, metrics.jsonl is still written")
+
+
+@pytest.mark.slow
+def test_a_crash_of_wandb_warns_in_one_line_and_leaves_no_traceback(tmp_path):
+    env = wandb_env(tmp_path, PYTHONPATH=str(ROOT / "tests"))  # wandb_service: kills wandb-core at iteration 5
+    proc = train(tmp_path, "run_name=r", "+callbacks.crash._target_=wandb_service.KillWandbService",
+                 "+callbacks.crash.at_iter=5", env=env)
+    warnings = [line for line in proc.stderr.splitlines() if "W&B" in line and "wandb:" not in line]
+    assert len(warnings) == 1 and warnings[0].startswith("mlxgpt: warning: W&B logging stopped (")
+    assert warnings[0].endswith("training continues, metrics.jsonl is still written")  # whole, on one line
+    assert "Traceback" not in proc.stderr  # none from wandb's exit hook
+    run_dir = tmp_path / "logs/runs/r"
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+    assert [e["iter"] for e in metrics(run_dir, "eval")] == [0, 5, 10]
+
+
+@pytest.mark.slow
 def test_disabled_writes_nothing(tmp_path):
     train(tmp_path, "run_name=r", "logger.mode=disabled")
     assert not (tmp_path / "logs/runs/r/wandb").exists()

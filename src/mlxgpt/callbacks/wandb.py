@@ -1,6 +1,7 @@
 """Weights & Biases: one W&B run per training run, grouped by sweep; W&B trouble never stops training."""
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import re
@@ -115,18 +116,26 @@ class WandbCallback(Callback):
             self._guard(lambda: run.finish(exit_code=exit_code))
 
     def _guard(self, fn, *args) -> None:
-        """Run a W&B call; on the first failure warn once, stop logging to W&B, and let training go on."""
+        """Run a W&B call; on the first failure shut W&B down, warn once (one line), and let training go on."""
         try:
             fn(*args)
         except Exception as e:
-            log.warning(f"mlxgpt: warning: W&B logging stopped ({type(e).__name__}: {e}); training continues, "
-                        f"metrics.jsonl is still written")
-            run, self.run = self.run, None
+            self._shut_down()
+            reason = " ".join(f"{type(e).__name__}: {e}".split())  # wandb's messages span lines
+            log.warning(f"mlxgpt: warning: W&B logging stopped ({reason}); training continues, metrics.jsonl is "
+                        f"still written")
+
+    def _shut_down(self) -> None:
+        """End the run and W&B's service process, so that a broken W&B (its service killed) leaves no console
+        capture and no exit hook behind (that hook's traceback at exit)."""
+        run, self.run = self.run, None
+        with contextlib.suppress(Exception):
             if run is not None:
-                try:
-                    run.finish(exit_code=1)
-                except Exception:
-                    pass  # already warned: W&B is unusable for this run
+                run.finish(exit_code=1)
+        with contextlib.suppress(Exception):
+            import wandb
+
+            wandb.teardown()
 
 
 def api_key_configured() -> bool:

@@ -1,0 +1,30 @@
+"""A callback for the tests' training runs: kills W&B's service process (wandb-core), as a crash of W&B would."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from mlxgpt.callbacks.base import Callback
+
+
+class KillWandbService(Callback):
+    """At the log of iteration `at_iter`, after the W&B callback logged it, kill this process's wandb-core."""
+
+    priority = 99
+
+    def __init__(self, at_iter: int):
+        self.at_iter = at_iter
+
+    def needs_state(self, trainer, iteration: int) -> bool:
+        return False
+
+    def on_log(self, trainer, logs) -> None:
+        if logs["iter"] != self.at_iter:
+            return
+        found = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "wandb-core"], capture_output=True, text=True)
+        assert found.stdout.split(), "no wandb-core process to kill"
+        for pid in found.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+        time.sleep(1)  # gone before the next W&B call
