@@ -104,6 +104,23 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_credentials_in_the_config_reach_no_log_no_checkpoint_and_no_wandb_file(tmp_path):
+    secrets = {"secret_key": "s3cret-a", "hf_token": "s3cret-b", "apiKey": "s3cret-c", "db_password": "s3cret-d"}
+    env = wandb_env(tmp_path, PYTHONPATH=str(ROOT / "tests"),
+                    **{f"MY_{k.upper()}": v for k, v in secrets.items()})  # read from the environment, as one would
+    options = [f"+callbacks.mine.{k}=${{oc.env:MY_{k.upper()}}}" for k in secrets]
+    proc = train(tmp_path, "run_name=r", "logger.log_checkpoints=true", "+callbacks.mine._target_=wandb_callbacks.Options",
+                 *options, env=env)
+    (path,) = find_run_files(tmp_path / "logs/runs/r/wandb")
+    config = read_run(path).config
+    assert {k: config[f"callbacks.mine.{k}"] for k in secrets} == dict.fromkeys(secrets, "***")
+    assert config["data.tokenizer"] == "char" and config["callbacks.sample.max_new_tokens"] == 8  # not credentials
+    for path in [p for p in tmp_path.rglob("*") if p.is_file()]:  # train.log, state.json, W&B files and artifacts
+        assert not any(v.encode() in path.read_bytes() for v in secrets.values()), path
+    assert not any(v in proc.stdout + proc.stderr for v in secrets.values())
+
+
+@pytest.mark.slow
 def test_wandb_failure_warns_once_and_training_goes_on(tmp_path):
     proc = train(tmp_path, "run_name=r", env=wandb_env(tmp_path, WANDB_MODE="no-such-mode"))  # logger.mode=auto
     assert proc.stderr.count("W&B logging stopped") == 1
@@ -121,8 +138,8 @@ def test_a_wandb_error_of_several_lines_is_a_one_line_warning(tmp_path):
 
 @pytest.mark.slow
 def test_a_crash_of_wandb_warns_in_one_line_and_leaves_no_traceback(tmp_path):
-    env = wandb_env(tmp_path, PYTHONPATH=str(ROOT / "tests"))  # wandb_service: kills wandb-core at iteration 5
-    proc = train(tmp_path, "run_name=r", "+callbacks.crash._target_=wandb_service.KillWandbService",
+    env = wandb_env(tmp_path, PYTHONPATH=str(ROOT / "tests"))  # kills wandb-core at iteration 5
+    proc = train(tmp_path, "run_name=r", "+callbacks.crash._target_=wandb_callbacks.KillWandbService",
                  "+callbacks.crash.at_iter=5", env=env)
     warnings = [line for line in proc.stderr.splitlines() if "W&B" in line and "wandb:" not in line]
     assert len(warnings) == 1 and warnings[0].startswith("mlxgpt: warning: W&B logging stopped (")
@@ -172,9 +189,13 @@ def test_mode_auto_is_online_only_with_an_api_key(tmp_path, monkeypatch):
 
 def test_flat_config_uses_override_keys_and_masks_credentials():
     cfg = OmegaConf.create({"optimizer": {"lr": 3e-4, "betas": [0.9, 0.95]}, "model": {"n_layer": 6},
-                            "callbacks": {"hub": {"api_key": "s3cret", "max_new_tokens": 5}}, "lr2": "${optimizer.lr}"})
+                            "callbacks": {"hub": {"api_key": "s3cret", "max_new_tokens": 5, "secret_key": "s3cret",
+                                                  "authToken": "s3cret", "tokenizer": "char", "token": None}},
+                            "lr2": "${optimizer.lr}"})
     assert flat_config(cfg) == {"optimizer.lr": 3e-4, "optimizer.betas": [0.9, 0.95], "model.n_layer": 6,
-                                "callbacks.hub.api_key": "***", "callbacks.hub.max_new_tokens": 5, "lr2": 3e-4}
+                                "callbacks.hub.api_key": "***", "callbacks.hub.max_new_tokens": 5,
+                                "callbacks.hub.secret_key": "***", "callbacks.hub.authToken": "***",
+                                "callbacks.hub.tokenizer": "char", "callbacks.hub.token": None, "lr2": 3e-4}
 
 
 def test_outside_hydra_a_run_is_named_and_grouped_by_its_dir(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -162,6 +163,27 @@ CHOICES = {
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
 }
+
+
+SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials",
+                          "auth"})  # a word of a key's name that says its value is a credential
+
+
+def is_secret(key: str) -> bool:
+    """Whether a key's name (its last part) marks a credential: api_key, hf_token, secret_key, apiKey, password."""
+    words = re.split(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])", key.rsplit(".", 1)[-1])
+    return any(word.lower() in SECRET_WORDS for word in words)
+
+
+def masked_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain dicts and lists, credentials' values masked: what logs, W&B and checkpoints get."""
+
+    def mask(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: "***" if is_secret(str(k)) and v else mask(v) for k, v in node.items()}
+        return [mask(v) for v in node] if isinstance(node, list) else node
+
+    return mask(OmegaConf.to_container(cfg, resolve=True))
 
 
 SEED_LIMIT = 2**63  # MLX seeds are 64-bit unsigned; the sample callback adds the iteration to trainer.seed

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from mlxgpt import checkpoint, device
 from mlxgpt.callbacks.base import Callback
 from mlxgpt.cli import EXIT_USER_ERROR, report_failed_jobs
-from mlxgpt.config import validate
+from mlxgpt.config import masked_container, validate
 from mlxgpt.data import load_data
 from mlxgpt.errors import DISK_ERRORS, UserError
 from mlxgpt.interrupt import Interrupted
@@ -131,7 +131,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = Non
                     f"float32")
         t.dtype = "float32"  # the run records what it computes in
     _use_init_char_vocabulary(cfg)
-    log.info(OmegaConf.to_yaml(cfg, resolve=True).rstrip())
+    log.info(OmegaConf.to_yaml(masked_container(cfg)).rstrip())
     callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()] + list(extra_callbacks)  # before data
 
     data = load_data(cfg.data)

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxgpt import blas, checkpoint
 from mlxgpt.callbacks.base import Callback
+from mlxgpt.config import masked_container
 from mlxgpt.device import on_cpu
 from mlxgpt.errors import UserError
 from mlxgpt.interrupt import Interrupted, StopSignals
@@ -65,14 +66,12 @@ class Trainer:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """What a checkpoint's state.json holds besides the arrays."""
-        from omegaconf import OmegaConf
-
         return {"iter": self.iter, "tokens_seen": self.tokens_seen,
                 "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
                 "seed": self.seed, "world": self.world, "log_window": [self.log_loss_sum, self.log_steps],
                 "model_config": asdict(self.model.config),
                 "tokenizer": self.tokenizer.to_meta(), "extra": self.extra_state,
-                "config": OmegaConf.to_container(self.cfg, resolve=True)}
+                "config": masked_container(self.cfg)}
 
     def _restore(self, ckpt: Path) -> None:
         state = checkpoint.read_state(ckpt)

@@ -4,18 +4,15 @@ from __future__ import annotations
 import contextlib
 import netrc
 import os
-import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from omegaconf import OmegaConf
-
 from mlxgpt.callbacks.base import Callback
+from mlxgpt.config import masked_container
 from mlxgpt.log import log
 
 RUN_ID_KEY = "wandb_run_id"  # in trainer.extra_state, so a resumed run continues the same W&B run
-SECRET_KEY = re.compile(r"(api_?key|token|secret|password)$", re.IGNORECASE)
 
 
 class WandbCallback(Callback):
@@ -174,9 +171,9 @@ def flat_config(cfg) -> dict[str, Any]:
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
-            flat[prefix] = "***" if SECRET_KEY.search(prefix) and node else node
+            flat[prefix] = node
 
-    walk("", OmegaConf.to_container(cfg, resolve=True))
+    walk("", masked_container(cfg))
     return flat
 
 

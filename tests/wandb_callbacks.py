@@ -1,4 +1,4 @@
-"""A callback for the tests' training runs: kills W&B's service process (wandb-core), as a crash of W&B would."""
+"""Callbacks the W&B tests add to training runs (`+callbacks.<name>._target_=wandb_callbacks.<class>`)."""
 from __future__ import annotations
 
 import os
@@ -28,3 +28,10 @@ class KillWandbService(Callback):
         for pid in found.stdout.split():
             os.kill(int(pid), signal.SIGKILL)
         time.sleep(1)  # gone before the next W&B call
+
+
+class Options(Callback):
+    """Takes any options and does nothing: a user's callback whose options (some credentials) are in the config."""
+
+    def __init__(self, **options):
+        self.options = options
