@@ -98,9 +98,12 @@ def test_the_api_key_never_appears_in_outputs(grid):
 def test_resume_continues_the_same_wandb_run(tmp_path):
     train(tmp_path, "run_name=r", "logger.mode=offline", "trainer.max_iters=5")
     train(tmp_path, "run_name=r", "logger.mode=offline", "trainer.max_iters=10", "trainer.resume=auto")
-    first, second = (read_run(f) for f in find_run_files(tmp_path / "logs/runs/r/wandb"))
+    files = find_run_files(tmp_path / "logs/runs/r/wandb")
+    first, second = map(read_run, files)
     assert first.run_id == second.run_id and first.name == "r"  # named by its run_name
     assert first.values("iter")[-1] == 5 and second.values("val/loss") and min(second.values("iter")) >= 5
+    table = json.loads((files[1].parent / "files" / second.values("samples.path")[-1]).read_text())
+    assert [row[0] for row in table["data"]] == [5, 10]  # the samples table keeps the first attempt's sample
 
 
 @pytest.mark.slow

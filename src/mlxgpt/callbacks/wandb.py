@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import netrc
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mlxgpt.callbacks.base import Callback
+from mlxgpt.callbacks.sample import RECORDS as SAMPLES
 from mlxgpt.config import masked_container
 from mlxgpt.log import log
 
@@ -78,6 +80,8 @@ class WandbCallback(Callback):
             group=self.cfg.group or group, name=None if run_id else name,  # a resumed run keeps its name
             job_type=self.cfg.job_type, tags=list(self.cfg.tags), config=flat_config(trainer.cfg))
         trainer.extra_state[RUN_ID_KEY] = self.run.id
+        if trainer.resumed:  # the samples table goes on from those of the earlier attempts
+            self._sample_rows = earlier_samples(trainer.run_dir / SAMPLES)
         self.run.define_metric("iter")  # the x-axis of every chart; `tokens` is logged beside it as the other one
         self.run.define_metric("*", step_metric="iter")
         self.run.define_metric("val/loss", step_metric="iter", summary="min,last")  # best/val_loss: the running min
@@ -133,6 +137,16 @@ class WandbCallback(Callback):
             import wandb
 
             wandb.teardown()
+
+
+def earlier_samples(path: Path) -> list[list[Any]]:
+    """Rows (iter, prompt, text) of a resumed run's samples.jsonl, which holds those up to the resumed iteration."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a kill
+            record = json.loads(line)
+            rows.append([record["iter"], record["prompt"], record["text"]])
+    return rows
 
 
 def api_key_configured() -> bool:
