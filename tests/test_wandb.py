@@ -107,6 +107,15 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_config_groups_chosen_are_in_the_wandb_config(tmp_path):
+    train(tmp_path, "run_name=r", "experiment=shakespeare_char_cpu", "data=pydoc", "trainer.cpu_streams=1")
+    (path,) = find_run_files(tmp_path / "logs/runs/r/wandb")
+    config = read_run(path).config
+    assert config["experiment"] == "shakespeare_char_cpu" and config["model"] == "nano" and config["data"] == "pydoc"
+    assert config["schedule"] == "cosine" and not any(key.startswith("hydra") for key in config)
+
+
+@pytest.mark.slow
 def test_credentials_in_the_config_reach_no_log_no_checkpoint_and_no_wandb_file(tmp_path):
     secrets = {"secret_key": "s3cret-a", "hf_token": "s3cret-b", "apiKey": "s3cret-c", "db_password": "s3cret-d"}
     env = wandb_env(tmp_path, PYTHONPATH=str(ROOT / "tests"),

@@ -78,7 +78,7 @@ class WandbCallback(Callback):
             project=self.cfg.project, entity=self.cfg.entity, mode=resolve_mode(self.cfg.mode),
             dir=str(trainer.run_dir), id=run_id, resume="allow" if run_id else None,
             group=self.cfg.group or group, name=None if run_id else name,  # a resumed run keeps its name
-            job_type=self.cfg.job_type, tags=list(self.cfg.tags), config=flat_config(trainer.cfg))
+            job_type=self.cfg.job_type, tags=list(self.cfg.tags), config={**group_choices(), **flat_config(trainer.cfg)})
         trainer.extra_state[RUN_ID_KEY] = self.run.id
         if trainer.resumed:  # the samples table goes on from those of the earlier attempts
             self._sample_rows = earlier_samples(trainer.run_dir / SAMPLES)
@@ -189,6 +189,17 @@ def flat_config(cfg) -> dict[str, Any]:
 
     walk("", masked_container(cfg))
     return flat
+
+
+def group_choices() -> dict[str, str]:
+    """The option of each config group the run used (`model: nano`, `experiment: shakespeare_char`), keyed as
+    `group=option` overrides name them: W&B can group and filter runs by them as compare does. None outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {group: option for group, option in choices.items() if option is not None and group.split("/")[0] != "hydra"}
 
 
 def job_name_and_group(run_dir: Path) -> tuple[str, str]:
