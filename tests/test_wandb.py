@@ -163,6 +163,17 @@ def test_a_crash_of_wandb_warns_in_one_line_and_leaves_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_unreachable_wandb_server_logs_offline(tmp_path):
+    env = wandb_env(tmp_path, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="3")  # no server there
+    del env["WANDB_MODE"]  # logger.mode=online, with the test's fake API key
+    proc = train(tmp_path, "run_name=r", "logger.mode=online", env=env)
+    (warning,) = [line for line in proc.stderr.splitlines() if "mlxgpt: warning: W&B" in line]
+    assert "W&B is unreachable" in warning and warning.endswith("logging offline; upload later with `wandb sync`")
+    (path,) = [p for p in find_run_files(tmp_path / "logs/runs/r/wandb") if p.parent.name.startswith("offline-run-")]
+    assert read_run(path).values("val/loss") == [e["val/loss"] for e in metrics(tmp_path / "logs/runs/r", "eval")]
+
+
+@pytest.mark.slow
 def test_disabled_writes_nothing(tmp_path):
     train(tmp_path, "run_name=r", "logger.mode=disabled")
     assert not (tmp_path / "logs/runs/r/wandb").exists()

@@ -74,11 +74,21 @@ class WandbCallback(Callback):
             wandb.run.finish()
         run_id = trainer.extra_state.get(RUN_ID_KEY) if trainer.resumed else None
         name, group = job_name_and_group(trainer.run_dir)
-        self.run = wandb.init(
-            project=self.cfg.project, entity=self.cfg.entity, mode=resolve_mode(self.cfg.mode),
-            dir=str(trainer.run_dir), id=run_id, resume="allow" if run_id else None,
-            group=self.cfg.group or group, name=None if run_id else name,  # a resumed run keeps its name
-            job_type=self.cfg.job_type, tags=list(self.cfg.tags), config={**group_choices(), **flat_config(trainer.cfg)})
+        run = dict(project=self.cfg.project, entity=self.cfg.entity, dir=str(trainer.run_dir), id=run_id,
+                   resume="allow" if run_id else None, group=self.cfg.group or group,
+                   name=None if run_id else name,  # a resumed run keeps its name
+                   job_type=self.cfg.job_type, tags=list(self.cfg.tags),
+                   config={**group_choices(), **flat_config(trainer.cfg)})
+        mode = resolve_mode(self.cfg.mode)
+        try:
+            self.run = wandb.init(mode=mode, **run)
+        except wandb.errors.CommError as e:  # no network, server down: keep the run on disk instead
+            if mode != "online":
+                raise
+            reason = " ".join(str(e).split())
+            log.warning(f"mlxgpt: warning: W&B is unreachable ({reason}): logging offline; upload later with "
+                        f"`wandb sync`")
+            self.run = wandb.init(mode="offline", **run)
         trainer.extra_state[RUN_ID_KEY] = self.run.id
         if trainer.resumed:  # the samples table goes on from those of the earlier attempts
             self._sample_rows = earlier_samples(trainer.run_dir / SAMPLES)
