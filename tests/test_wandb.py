@@ -163,14 +163,18 @@ def test_a_crash_of_wandb_warns_in_one_line_and_leaves_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_unreachable_wandb_server_logs_offline(tmp_path):
+def test_an_unreachable_wandb_server_logs_offline_and_a_sweeps_later_jobs_do_not_wait_for_it(tmp_path):
     env = wandb_env(tmp_path, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="3")  # no server there
     del env["WANDB_MODE"]  # logger.mode=online, with the test's fake API key
-    proc = train(tmp_path, "run_name=r", "logger.mode=online", env=env)
-    (warning,) = [line for line in proc.stderr.splitlines() if "mlxgpt: warning: W&B" in line]
-    assert "W&B is unreachable" in warning and warning.endswith("logging offline; upload later with `wandb sync`")
-    (path,) = [p for p in find_run_files(tmp_path / "logs/runs/r/wandb") if p.parent.name.startswith("offline-run-")]
-    assert read_run(path).values("val/loss") == [e["val/loss"] for e in metrics(tmp_path / "logs/runs/r", "eval")]
+    proc = train(tmp_path, "-m", "trainer.seed=1,2", "logger.mode=online", "hydra.sweep.dir=logs/sweep", env=env)
+    warnings = [line for line in proc.stderr.splitlines() if "mlxgpt: warning: W&B" in line]
+    assert ["W&B is unreachable (" in w for w in warnings] == [True, False]  # the second job did not try again
+    assert "W&B was unreachable for an earlier job (" in warnings[1]
+    assert all(w.endswith("logging offline; upload later with `wandb sync`") for w in warnings)
+    for job in ("0", "1"):
+        run_dir = tmp_path / "logs/sweep" / job
+        (path,) = [p for p in find_run_files(run_dir / "wandb") if p.parent.name.startswith("offline-run-")]
+        assert read_run(path).values("val/loss") == [e["val/loss"] for e in metrics(run_dir, "eval")]
 
 
 @pytest.mark.slow

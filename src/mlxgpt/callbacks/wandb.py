@@ -15,6 +15,8 @@ from mlxgpt.config import masked_container
 from mlxgpt.log import log
 
 RUN_ID_KEY = "wandb_run_id"  # in trainer.extra_state, so a resumed run continues the same W&B run
+UNREACHABLE: list[str] = []  # why W&B could not be reached online by a job of this process (then the rest log offline)
+OFFLINE = "logging offline; upload later with `wandb sync`"
 
 
 class WandbCallback(Callback):
@@ -80,14 +82,16 @@ class WandbCallback(Callback):
                    job_type=self.cfg.job_type, tags=list(self.cfg.tags),
                    config={**group_choices(), **flat_config(trainer.cfg)})
         mode = resolve_mode(self.cfg.mode)
+        if mode == "online" and UNREACHABLE:  # a sweep's later jobs do not wait out the connection timeout again
+            log.warning(f"mlxgpt: warning: W&B was unreachable for an earlier job ({UNREACHABLE[0]}): {OFFLINE}")
+            mode = "offline"
         try:
             self.run = wandb.init(mode=mode, **run)
         except wandb.errors.CommError as e:  # no network, server down: keep the run on disk instead
             if mode != "online":
                 raise
-            reason = " ".join(str(e).split())
-            log.warning(f"mlxgpt: warning: W&B is unreachable ({reason}): logging offline; upload later with "
-                        f"`wandb sync`")
+            UNREACHABLE.append(" ".join(str(e).split()))
+            log.warning(f"mlxgpt: warning: W&B is unreachable ({UNREACHABLE[0]}): {OFFLINE}")
             self.run = wandb.init(mode="offline", **run)
         trainer.extra_state[RUN_ID_KEY] = self.run.id
         if trainer.resumed:  # the samples table goes on from those of the earlier attempts
