@@ -26,12 +26,12 @@ def wandb_env(tmp: Path, **extra) -> dict:
             "WANDB_API_KEY": FAKE_KEY, "MLXGPT_DATA_DIR": str(tmp / "data"), **extra}
 
 
-def train(tmp: Path, *args: str, env=None) -> subprocess.CompletedProcess:
+def train(tmp: Path, *args: str, env=None, returncode: int = 0) -> subprocess.CompletedProcess:
     flags = [a for a in args if a.startswith("-")]  # `-m` must come before the overrides
     overrides = [a for a in args if not a.startswith("-")]
     command = [sys.executable, str(ROOT / "train.py"), *flags, *TINY, f"paths.log_dir={tmp}/logs", *overrides]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp, env=env or wandb_env(tmp), timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -175,6 +175,15 @@ def test_an_unreachable_wandb_server_logs_offline_and_a_sweeps_later_jobs_do_not
         run_dir = tmp_path / "logs/sweep" / job
         (path,) = [p for p in find_run_files(run_dir / "wandb") if p.parent.name.startswith("offline-run-")]
         assert read_run(path).values("val/loss") == [e["val/loss"] for e in metrics(run_dir, "eval")]
+
+
+@pytest.mark.slow
+def test_a_diverged_run_ends_its_wandb_run_with_exit_code_1_and_the_error(tmp_path):
+    train(tmp_path, "run_name=r", "optimizer.lr=1e4", "trainer.grad_clip=0", returncode=2)  # diverges: NaN
+    (path,) = find_run_files(tmp_path / "logs/runs/r/wandb")
+    run = read_run(path)
+    assert run.exit_code == 1 and "non-finite" in run.summary["error"]
+    assert json.loads((tmp_path / "logs/runs/r/result.json").read_text())["error"] in run.summary["error"]
 
 
 @pytest.mark.slow

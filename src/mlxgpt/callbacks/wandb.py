@@ -61,6 +61,8 @@ class WandbCallback(Callback):
         self._finish(exit_code=0)
 
     def on_exception(self, trainer, exc) -> None:
+        if self.run is not None:  # why the run ended, beside its exit code in W&B's run overview
+            self._guard(self.run.summary.update, {"error": " ".join(f"{type(exc).__name__}: {exc}".split())})
         self._finish(exit_code=getattr(exc, "exit_code", 1))  # 130/143 for a stopped run
 
     # ------------------------------------------------------------------- work
