@@ -509,6 +509,21 @@ def test_continuing_a_finished_run_does_nothing_and_writes_nothing(work, base):
 
 
 @pytest.mark.slow
+def test_early_stopping_counts_on_across_a_resume_and_a_run_it_stopped_is_finished(work):
+    stopping = ["callbacks=[default,early_stopping]", "callbacks.early_stopping.patience=3",
+                "callbacks.early_stopping.min_delta=100"]  # no evaluation after the first improves: it stops at 30
+    train(work, "stopped_early", *stopping, f"trainer.max_iters={ITERS}")
+    train(work, "stopped_early_resumed", *stopping, "trainer.max_iters=20")  # two evaluations without improvement
+    train(work, "stopped_early_resumed", *stopping, f"trainer.max_iters={ITERS}", "trainer.resume=auto")
+    stopped = losses(run_dir(work, "stopped_early"))
+    assert stopped[-1][1] == 30 and losses(run_dir(work, "stopped_early_resumed")) == stopped
+    before = snapshot(run_dir(work, "stopped_early"))
+    proc = train(work, "stopped_early", *stopping, f"trainer.max_iters={ITERS}", "trainer.resume=auto")
+    assert "stopped early at iteration 30 (callbacks.early_stopping.patience=3): nothing to do" in proc.stdout
+    assert snapshot(run_dir(work, "stopped_early")) == before
+
+
+@pytest.mark.slow
 def test_init_from_a_run_without_a_best_checkpoint_uses_its_last(work, base):
     stopped = copy_run(work, base, "no_best")
     (stopped / "checkpoints" / "best").unlink()  # as a run stopped before its first evaluation

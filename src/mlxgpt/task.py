@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlxgpt import checkpoint, device
 from mlxgpt.callbacks.base import Callback
+from mlxgpt.callbacks.early_stopping import stopped_early
 from mlxgpt.cli import EXIT_USER_ERROR, report_failed_jobs
 from mlxgpt.config import masked_container, validate
 from mlxgpt.data import load_data
@@ -105,10 +106,10 @@ def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
         check_same_job(run_dir, list(HydraConfig.get().overrides.task))
     if resume_from is not None and not t.eval_only:
         state = checkpoint.read_state(resume_from)
-        if state["iter"] >= t.max_iters:
-            raise AlreadyFinished(f"{run_dir} already trained {state['iter']} iterations (trainer.max_iters="
-                                  f"{t.max_iters}): nothing to do; raise trainer.max_iters to continue it",
-                                  math.inf if state.get("best_val_loss") is None else state["best_val_loss"])
+        done = _finished(cfg, state)
+        if done:
+            raise AlreadyFinished(f"{run_dir} {done}", math.inf if state.get("best_val_loss") is None
+                                  else state["best_val_loss"])
     if t.resume == "auto" and not t.eval_only and is_main_process():
         log.info("mlxgpt: trainer.resume=auto: " + (f"continuing from {resume_from}" if resume_from else
                                                      f"no checkpoint in {run_dir}, starting a new run"))
@@ -118,6 +119,18 @@ def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
         log.info(f"mlxgpt: eval only: train loss {losses['train/loss']:.4f}, val loss {losses['val/loss']:.4f}")
         return {**losses, "best/val_loss": losses["val/loss"], "iter": trainer.iter}
     return trainer.fit()
+
+
+def _finished(cfg: DictConfig, state: dict) -> str | None:
+    """Why the run a checkpoint continues has nothing left to train under cfg (None when it has)."""
+    if state["iter"] >= cfg.trainer.max_iters:
+        return (f"already trained {state['iter']} iterations (trainer.max_iters={cfg.trainer.max_iters}): nothing "
+                f"to do; raise trainer.max_iters to continue it")
+    stopping = cfg.callbacks.get("early_stopping")
+    if stopping is not None and stopped_early(state, stopping.patience):
+        return (f"stopped early at iteration {state['iter']} (callbacks.early_stopping.patience={stopping.patience}): "
+                f"nothing to do; raise callbacks.early_stopping.patience to continue it")
+    return None
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = None,
