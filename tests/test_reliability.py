@@ -373,6 +373,7 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
     (work / "foreign").mkdir()
     (work / "foreign" / "state.json").write_text('{"iter": 3}')
     other_size = copy_run(work, base, "other_size")
+    other_optimizer = copy_run(work, base, "other_optimizer")
     failed_retry = copy_run(work, base, "failed_retry")
     forked = copy_run(work, base, "forked")
     evaluated, evaluated2 = copy_run(work, base, "evaluated"), copy_run(work, base, "evaluated2")
@@ -396,6 +397,9 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "resume: truncated": (run("truncated", "trainer.resume=auto"), "corrupt or truncated", truncated),
         "resume: other model size": (run("other_size", "trainer.resume=auto", "model.n_embd=64"),
                                      "for a different model", other_size),
+        "resume: other optimizer": (  # SGD would take AdamW's second moments ("v") for its momentum
+            run("other_optimizer", "trainer.resume=auto", "optimizer=sgd", "optimizer.weight_decay=0.1"),
+            "(optimizer=adamw with weight_decay=0.1) does not fit this run's optimizer=sgd", other_optimizer),
         "resume: not a checkpoint": (run("b9", f"trainer.resume={work}/foreign"),
                                      "is not an mlxgpt checkpoint", None),
         "init_from: missing": (run("b10", "init_from=nowhere"), "does not exist", None),
@@ -465,7 +469,8 @@ def bad_input_results(work, base):
 
 BAD_INPUTS = ["missing data file", "empty data file", "characters outside the char vocab",
               "block_size above the model's", "n_embd not divisible by n_head", "eval_iters 0", "bad callback option",
-              "resume: missing", "resume: truncated", "resume: other model size", "resume: not a checkpoint",
+              "resume: missing", "resume: truncated", "resume: other model size", "resume: other optimizer",
+              "resume: not a checkpoint",
               "init_from: missing", "init_from: truncated", "init_from: other model size",
               "init_from: not a checkpoint", "init_from: a GPT-2 (BPE) directory with char data",
               "resume: a failed attempt keeps the run's records", "resume: another run's checkpoint into a used run",

@@ -78,7 +78,7 @@ class Trainer:
         checkpoint.check_model(ckpt, state, asdict(self.model.config))
         checkpoint.check_tokenizer(ckpt, state, self.tokenizer.to_meta())
         load_weights(self.model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
-        self.optimizer.state = tree_unflatten(list(checkpoint.load_arrays(ckpt, "optimizer.safetensors").items()))
+        self._load_optimizer_state(ckpt, state["config"]["optimizer"])
         self.iter, self.tokens_seen = state["iter"], state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.log_loss_sum, self.log_steps = state.get("log_window", [0.0, 0])
@@ -86,6 +86,16 @@ class Trainer:
         mx.eval(self.model.parameters(), self.optimizer.state)
         if self.is_main:
             self._warn_other_world(ckpt, state)
+
+    def _load_optimizer_state(self, ckpt: Path, saved: dict) -> None:
+        """The checkpoint's optimizer state; UserError unless it has this optimizer's arrays (names and shapes)."""
+        arrays = checkpoint.load_arrays(ckpt, "optimizer.safetensors")
+        if {k: v.shape for k, v in arrays.items()} != {k: v.shape for k, v in tree_flatten(self.optimizer.state)}:
+            was, now = (f"optimizer={c['name']} with weight_decay={c['weight_decay']}"
+                        for c in (saved, self.cfg.optimizer))
+            raise UserError(f"the optimizer state in {ckpt} ({was}) does not fit this run's {now}: continue with the "
+                            f"checkpoint's optimizer settings, or start a new run from its weights with init_from={ckpt}")
+        self.optimizer.state = tree_unflatten(list(arrays.items()))
 
     def _warn_other_world(self, ckpt: Path, state: dict) -> None:
         """Warn when a checkpoint saved by another number of processes continues with another global batch."""
