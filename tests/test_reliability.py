@@ -323,10 +323,10 @@ def test_stop_raises_with_the_iteration(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- disk full, lock
-def limit_file_size() -> None:
+def limit_file_size(limit: int = CHECKPOINT_FILES_LIMIT) -> None:
     """In the child: writes beyond the limit fail with EFBIG (like a full disk), instead of killing it (SIGXFSZ)."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (CHECKPOINT_FILES_LIMIT, CHECKPOINT_FILES_LIMIT))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 @pytest.mark.slow
@@ -340,6 +340,18 @@ def test_a_failing_checkpoint_write_stops_cleanly_and_keeps_the_previous_checkpo
     assert snapshot(path / "checkpoints") == before  # the half-written one was removed, the rest untouched
     train(work, "disk_full", f"trainer.max_iters={ITERS}", "trainer.resume=auto")  # space again: continue
     assert losses(path) == reference
+
+
+@pytest.mark.slow
+def test_a_full_disk_before_a_continued_run_starts_is_one_line_and_keeps_its_records(work, base):
+    """The run's records (.hydra/, result.json) are copied aside before Hydra rewrites them: when that copy fails,
+    the run stops there (was: Hydra's warning, the run went on and left a truncated .hydra/config.yaml)."""
+    path = copy_run(work, base, "disk_full_at_start")
+    before = snapshot(path / ".hydra"), (path / "result.json").read_bytes()
+    proc = train(work, "disk_full_at_start", f"trainer.max_iters={ITERS}", "trainer.resume=auto", check=False,
+                 preexec_fn=lambda: limit_file_size(1000))  # .hydra/config.yaml has ~2000 bytes
+    assert_one_line_error(proc, f"cannot write {path}/.previous_attempt/.hydra/config.yaml (File too large)")
+    assert (snapshot(path / ".hydra"), (path / "result.json").read_bytes()) == before
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from mlxgpt import checkpoint
 from mlxgpt.cli import fail, user_message
 from mlxgpt.config import validate
-from mlxgpt.errors import UserError
+from mlxgpt.errors import UserError, disk_error
 
 LOCK_FILE = ".lock"
 PREVIOUS = ".previous_attempt"  # a used run dir's records as they were before this attempt rewrote them
@@ -297,7 +297,7 @@ def _exit_on_user_error():
     try:
         yield
     except Exception as e:
-        message = user_message(e)  # also e.g. an interpolation that does not resolve
+        message = user_message(disk_error(e) or e)  # also e.g. an interpolation that does not resolve
         if message is None:
             raise
         fail(message)

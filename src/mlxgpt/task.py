@@ -23,7 +23,7 @@ from mlxgpt.callbacks.early_stopping import stopped_early
 from mlxgpt.cli import EXIT_USER_ERROR, report_failed_jobs
 from mlxgpt.config import masked_container, validate
 from mlxgpt.data import load_data
-from mlxgpt.errors import DISK_ERRORS, UserError
+from mlxgpt.errors import UserError, disk_error
 from mlxgpt.interrupt import Interrupted
 from mlxgpt.log import FILE_ONLY, log
 from mlxgpt.model import GPT, GPTConfig
@@ -70,7 +70,7 @@ def train(cfg: DictConfig) -> float:
             mx.eval(mx.distributed.all_sum(mx.array(0), group=group))  # records (mlx.launch ends all once one exits)
         sys.exit(e.exit_code)
     except BaseException as exc:
-        e = _disk_error(exc) or exc
+        e = disk_error(exc) or exc
         _write_failure(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
         if multirun and isinstance(e, Exception):
             report_failed_jobs([run_dir.name])  # the sweep goes on, and exits 1 at its end
@@ -226,14 +226,6 @@ def _instantiate(name: str, node: DictConfig):
     except Exception as e:  # bad callback options surface as TypeError deep inside instantiate
         cause = " ".join(str(e.__cause__ or e).split())  # one line (an import error spans several)
         raise UserError(f"callbacks.{name}: {cause}; check its options (`--cfg job` shows them)") from None
-
-
-def _disk_error(exc: BaseException) -> UserError | None:
-    """A one-line UserError for a failed write (disk full, read-only, no permission); None for other errors."""
-    if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
-        return UserError(f"cannot write {exc.filename or 'to the run directory'} ({exc.strerror}); free disk space "
-                         f"or fix permissions, then continue with trainer.resume=auto")
-    return None
 
 
 def _write_failure(run_dir: Path, result: dict) -> None:
