@@ -355,6 +355,17 @@ def test_a_full_disk_before_a_continued_run_starts_is_one_line_and_keeps_its_rec
 
 
 @pytest.mark.slow
+def test_a_train_log_that_cannot_grow_is_one_warning_not_a_traceback_per_message(work, base):
+    path = copy_run(work, base, "log_full")
+    with open(path / "train.log", "a") as f:
+        f.write("-" * (CHECKPOINT_FILES_LIMIT - f.tell()))  # at the size limit, as on a full disk
+    proc = train(work, "log_full", f"trainer.max_iters={ITERS}", "trainer.resume=auto", check=False,
+                 preexec_fn=limit_file_size)
+    assert_one_line_error(proc, "cannot write the checkpoint of iteration 30")
+    assert proc.stderr.count(f"warning: cannot write {path.resolve()}/train.log (") == 1
+
+
+@pytest.mark.slow
 def test_a_second_run_on_a_directory_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(work, base, reference):
     path = copy_run(work, base, "locked")
     first = start(work, "locked", f"trainer.max_iters={ITERS}", "trainer.resume=auto")

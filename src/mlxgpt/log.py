@@ -21,3 +21,16 @@ class ConsoleHandler(logging.Handler):
             tqdm.write(self.format(record), file=sys.stderr if record.levelno >= logging.WARNING else sys.stdout)
         except Exception:
             self.handleError(record)
+
+
+class RunLogHandler(logging.FileHandler):
+    """The run's train.log. A message it cannot write (a full disk) is on the console still: one warning says so,
+    instead of the logging module's traceback for every message."""
+
+    warned = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.warned:
+            self.warned = True
+            tqdm.write(f"mlxgpt: warning: cannot write {self.baseFilename} ({sys.exc_info()[1]}); messages are on "
+                       f"the console only", file=sys.stderr)
