@@ -133,6 +133,15 @@ def test_credentials_in_the_config_reach_no_log_no_checkpoint_and_no_wandb_file(
 
 
 @pytest.mark.slow
+def test_a_run_resumed_from_another_runs_checkpoint_is_a_wandb_run_of_its_own(tmp_path):
+    train(tmp_path, "run_name=r", "logger.mode=offline", "trainer.max_iters=5")
+    train(tmp_path, "run_name=fork", "logger.mode=offline", "trainer.max_iters=10",
+          f"trainer.resume={tmp_path}/logs/runs/r")
+    original, fork = (read_run(*find_run_files(tmp_path / f"logs/runs/{name}/wandb")) for name in ("r", "fork"))
+    assert fork.run_id != original.run_id and fork.name == "fork" and min(fork.values("iter")) >= 5
+
+
+@pytest.mark.slow
 def test_wandb_failure_warns_once_and_training_goes_on(tmp_path):
     proc = train(tmp_path, "run_name=r", env=wandb_env(tmp_path, WANDB_MODE="no-such-mode"))  # logger.mode=auto
     assert proc.stderr.count("W&B logging stopped") == 1

@@ -54,10 +54,15 @@ def refuse_used_run_dir(run_dir: Path) -> None:
 
 def refuse_other_checkpoint(resume: str | None, ckpt: Path | None, run_dir: Path) -> None:
     """UserError when trainer.resume names a checkpoint outside a run dir that has its own (it would roll it back)."""
-    if ckpt is not None and resume != "auto" and run_dir.resolve() not in ckpt.resolve().parents:
+    if ckpt is not None and resume != "auto" and not own_checkpoint(ckpt, run_dir):
         if checkpoint.latest(run_dir / "checkpoints") is not None:
             raise UserError(f"run directory {run_dir} already has checkpoints; trainer.resume={resume} starts from "
                             f"another run's checkpoint: use a new run_name (or trainer.resume=auto to continue it)")
+
+
+def own_checkpoint(ckpt: Path, run_dir: Path) -> bool:
+    """Whether `ckpt` is one of `run_dir`'s checkpoints (not another run's)."""
+    return run_dir.resolve() in ckpt.resolve().parents
 
 
 def keep_records(run_dir: Path) -> None:

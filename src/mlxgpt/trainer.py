@@ -57,7 +57,7 @@ class Trainer:
         self.extra_state: dict[str, Any] = {}  # callbacks' resumable state (e.g. the W&B run id)
         self.summary: dict[str, Any] = {}  # the latest value of every logged metric
         self.should_stop = False
-        self.resumed = resume_from is not None
+        self.resume_from, self.resumed = resume_from, resume_from is not None
         self.optimizer.init(self.model.trainable_parameters())
         if resume_from is not None:
             self._restore(resume_from)

@@ -13,6 +13,7 @@ from mlxgpt.callbacks.base import Callback
 from mlxgpt.callbacks.sample import RECORDS as SAMPLES
 from mlxgpt.config import masked_container
 from mlxgpt.log import log
+from mlxgpt.rundir import own_checkpoint
 
 RUN_ID_KEY = "wandb_run_id"  # in trainer.extra_state, so a resumed run continues the same W&B run
 UNREACHABLE: list[str] = []  # why W&B could not be reached online by a job of this process (then the rest log offline)
@@ -76,7 +77,8 @@ class WandbCallback(Callback):
 
         if wandb.run is not None:  # a run left open by earlier code in this process: never log into it
             wandb.run.finish()
-        run_id = trainer.extra_state.get(RUN_ID_KEY) if trainer.resumed else None
+        own = trainer.resumed and own_checkpoint(trainer.resume_from, trainer.run_dir)  # not a fork of another run
+        run_id = trainer.extra_state.get(RUN_ID_KEY) if own else None
         name, group = job_name_and_group(trainer.run_dir)
         run = dict(project=self.cfg.project, entity=self.cfg.entity, dir=str(trainer.run_dir), id=run_id,
                    resume="allow" if run_id else None, group=self.cfg.group or group,
