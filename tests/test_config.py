@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mlxgpt.config import TYPED_GROUPS, Config, register_configs, validate
+from mlxgpt.config import TYPED_GROUPS, Config, SampleConfig, register_configs, validate, validate_sample
 from mlxgpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,32 @@ def test_experiment_shakespeare_char_cpu_is_nanogpt_readme_cpu_config():
     assert (t.batch_size, t.max_iters, cfg.schedule.decay_iters, t.eval_iters) == (12, 2000, 2000, 20)
 
 
+def test_experiment_shakespeare_char_is_nanogpt_train_shakespeare_char():
+    cfg = make("experiment=shakespeare_char")
+    m, t, o, s = cfg.model, cfg.trainer, cfg.optimizer, cfg.schedule
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias) == (6, 6, 384, 256, 0.2, False)
+    assert (t.batch_size, t.gradient_accumulation_steps, t.max_iters, t.eval_interval, t.eval_iters) == (64, 1, 5000,
+                                                                                                         250, 200)
+    assert (o.name, o.lr, list(o.betas), o.weight_decay) == ("adamw", 1e-3, [0.9, 0.99], 0.1)
+    assert (s.name, s.warmup_iters, s.decay_iters, s.min_lr_ratio) == ("cosine", 100, 5000, 0.1)  # min_lr 1e-4
+    assert (cfg.data.name, cfg.data.tokenizer) == ("shakespeare_char", "char")
+
+
+def test_experiment_finetune_shakespeare_is_nanogpt_finetune_shakespeare():
+    cfg = make("experiment=finetune_shakespeare")
+    t = cfg.trainer
+    assert cfg.init_from == "gpt2-xl" and cfg.model.name == "gpt2_xl" and cfg.data.tokenizer == "gpt2"
+    assert (t.batch_size, t.gradient_accumulation_steps, t.max_iters, t.eval_interval, t.eval_iters) == (1, 32, 20, 5,
+                                                                                                         40)
+    assert (cfg.optimizer.lr, cfg.schedule.name, cfg.schedule.warmup_iters) == (3e-5, "constant", 0)  # no lr decay
+    assert cfg.callbacks.checkpoint.save_last is False  # always_save_checkpoint = False
+
+
+def test_default_optimizer_is_nanogpt_adamw():
+    o = make().optimizer
+    assert (o.name, o.lr, list(o.betas), o.eps, o.weight_decay) == ("adamw", 6e-4, [0.9, 0.95], 1e-8, 0.1)
+
+
 def test_gpt2_small_openwebtext_composes():
     cfg = make("model=gpt2_small", "data=openwebtext")
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (12, 768, 1024)
@@ -81,6 +107,18 @@ def test_out_of_range_values_raise_one_line_user_error(override, needle):
     with pytest.raises(UserError) as err:
         validate(make(override))
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("option", ["num_samples=0", "max_new_tokens=-1", "temperature=-0.5", "top_k=0",
+                                    "seed=-1", "device=tpu", "which=worst"])
+def test_sample_options_out_of_range_raise_one_line_user_error(option):
+    key, _, value = option.partition("=")
+    cfg = OmegaConf.structured(SampleConfig(checkpoint="run"))
+    cfg[key] = value
+    with pytest.raises(UserError) as err:
+        validate_sample(cfg)
+    assert str(err.value).startswith(f"invalid {option}: ") and "python sample.py" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_schema_is_typed():
@@ -118,6 +156,25 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoints"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, expected", [
+    ("sample.py", "checkpoint=run temprature=0.5", "unknown config key 'temprature'"),
+    ("sample.py", "checkpoint=run num_samples=1.5", "invalid value for 'num_samples'"),
+    ("sample.py", "checkpoint=run top_k=0", "invalid top_k=0: must be >= 1 or null"),
+    ("export.py", "checkpoint=run out=hf formt=hf", "unknown config key 'formt'"),
+    ("export.py", "checkpoint=run out=hf format=onnx", "invalid format=onnx: the supported format is hf"),
+    ("export.py", "checkpoint=run out=hf which=worst", "invalid which=worst: must be best or last"),
+    ("export.py", "out=hf", "checkpoint= is required"),
+])
+def test_sample_and_export_reject_bad_options_in_one_line(tmp_path, script, args, expected):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args.split()], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], \
+        proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and list(tmp_path.iterdir()) == []  # nothing written
 
 
 @pytest.mark.slow
