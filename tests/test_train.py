@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=nano", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
@@ -48,9 +49,20 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     evals = records(run_dir, "eval")
     assert [e["iter"] for e in evals] == [0, 20, 40, 60]
     assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 0.5
-    assert (run_dir / "checkpoints/last/model.safetensors").is_file()
-    assert (run_dir / "checkpoints/best/state.json").is_file()
-    assert (run_dir / ".hydra/config.yaml").is_file()
+    ckpts = run_dir / "checkpoints"
+    best_eval = min(evals[1:], key=lambda e: e["val/loss"])  # iteration 0 is never saved
+    best, last = (json.loads((ckpts / link / "state.json").read_text()) for link in ("best", "last"))
+    assert (best["iter"], best["best_val_loss"]) == (best_eval["iter"], best_eval["val/loss"])
+    assert (last["iter"], last["tokens_seen"], last["seed"]) == (60, 60 * 4 * 32, 1337)
+    assert last["config"]["paths"]["data_dir"] == str(tmp_path / "data")  # the resolved config (MLXGPT_DATA_DIR)
+    assert last["config"]["callbacks"]["evaluation"]["interval"] == 20
+    kept = sorted(p.name for p in ckpts.iterdir() if not p.is_symlink())  # keep=2 newest, and the one best names
+    assert kept == sorted({"iter_0000040", "iter_0000060", f"iter_{best_eval['iter']:07d}"})
+    assert all(sorted(f.name for f in (ckpts / k).iterdir()) == ["model.safetensors", "optimizer.safetensors",
+                                                                  "state.json"] for k in kept)
+    composed = OmegaConf.load(run_dir / ".hydra/config.yaml")
+    assert (composed.run_name, composed.model.n_layer, composed.optimizer.lr, composed.trainer.max_iters) == (
+        "r", 2, 3e-3, 60)
     assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
     assert "sample after 60 iterations" in proc.stdout and "device cpu" in proc.stdout
     assert "n_layer: 2" in proc.stdout  # the resolved config tree is printed
@@ -107,6 +119,19 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     assert records(ft_dir, "eval")[0]["val/loss"] < math.log(len(vocabulary["chars"])) - 0.5  # ids kept their meaning
     out = run(["sample.py", f"checkpoint={ft_dir}", "prompt=def", "num_samples=1", "max_new_tokens=10"], tmp_path)
     assert "\ndef" in out.stdout
+
+
+def test_early_stopping_ends_the_run_when_the_val_loss_stops_improving(tmp_path):
+    """No evaluation improves on the first by min_delta=100: the run stops after `patience` of them."""
+    proc = run(["train.py", *TINY, "trainer.max_iters=100", "trainer.eval_interval=10",
+                "callbacks=[default,early_stopping]", "callbacks.early_stopping.patience=2",
+                "callbacks.early_stopping.min_delta=100", f"paths.log_dir={tmp_path}/logs", "run_name=es"], tmp_path)
+    run_dir = tmp_path / "logs/runs/es"
+    assert [e["iter"] for e in records(run_dir, "eval")] == [0, 10, 20]
+    assert "early stopping at iteration 20: val loss has not improved for 2 evaluations" in proc.stdout
+    assert json.loads((run_dir / "result.json").read_text())["iter"] == 20
+    assert json.loads((run_dir / "checkpoints/last/state.json").read_text())["iter"] == 20
+    assert "sample after 20 iterations" in proc.stdout  # the run ends as usual
 
 
 @pytest.mark.parametrize("streams", [1, 2])
