@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 from omegaconf import OmegaConf
 
 from mlxgpt import checkpoint
+from mlxgpt.callbacks import CheckpointCallback
 from mlxgpt.config import register_configs
 from mlxgpt.data import load_data
 from mlxgpt.data.sources import read_text
@@ -269,6 +270,23 @@ def test_debris_of_killed_saves_is_ignored_then_removed_and_links_stay_whole(tmp
 
     os.unlink(ckpts / "last")  # killed after the first checkpoint's rename, before its link
     assert checkpoint.latest(ckpts) == again.resolve()
+
+
+@pytest.mark.parametrize("save_last, kept", [(True, ["iter_0000020", "iter_0000040"]),
+                                             (False, ["iter_0000010", "iter_0000020"])])
+def test_best_is_the_lowest_val_loss_and_keep_prunes_all_but_the_newest_and_best(tmp_path, save_last, kept):
+    """keep=1 of evaluations at 10..40 (val loss 3.0, 2.5, 2.8, 2.9); save_last=false (finetune_shakespeare) saves
+    only where the val loss improved."""
+    trainer = make_trainer(tmp_path)
+    trainer.callbacks.append(saver := CheckpointCallback(keep=1 if save_last else 5, save_last=save_last))
+    saver.on_train_start(trainer)
+    for iteration, val_loss in ((10, 3.0), (20, 2.5), (30, 2.8), (40, 2.9)):
+        trainer.iter = iteration
+        trainer.record_eval({"train/loss": val_loss, "val/loss": val_loss})
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", *kept, "last"]
+    assert (os.readlink(ckpts / "best"), os.readlink(ckpts / "last")) == ("iter_0000020", kept[-1])
+    assert checkpoint.read_state(ckpts / "best")["best_val_loss"] == 2.5
 
 
 # --------------------------------------------------------------------------------------------- non-finite values
@@ -523,6 +541,17 @@ def test_sample_on_a_gpu_without_one_names_its_own_option(work, base):
                           capture_output=True, text=True, cwd=work, env=env(work), timeout=300)
     assert_one_line_error(proc, "error: device=gpu but no GPU is available")
     assert "use device=auto or cpu" in proc.stderr and "trainer." not in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_from_another_runs_checkpoint_continues_it_in_a_new_run(work, base, reference):
+    """trainer.resume=<checkpoint dir>: the new run goes on from there as the original would have; the original's
+    directory is only read."""
+    before = snapshot(base)
+    train(work, "fork", f"trainer.max_iters={ITERS}", f"trainer.resume={base}/checkpoints/iter_0000010")
+    assert losses(run_dir(work, "fork")) == [r for r in reference if r[1] > 10]
+    assert checkpoint.read_state(checkpoint.latest(run_dir(work, "fork") / "checkpoints"))["iter"] == ITERS
+    assert snapshot(base) == before
 
 
 @pytest.mark.slow
