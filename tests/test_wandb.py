@@ -44,7 +44,7 @@ def grid(tmp_path_factory):
     """One 2x2 multirun (lr x depth) with W&B offline: (sweep dir, process)."""
     tmp = tmp_path_factory.mktemp("wandb_grid")
     proc = train(tmp, "-m", "optimizer.lr=1e-3,3e-3", "model.n_layer=1,2", "logger.mode=offline",
-                 "logger.log_checkpoints=true", "hydra.sweep.dir=logs/grid")
+                 "logger.log_checkpoints=true", "logger.tags=[tiny,grid]", "hydra.sweep.dir=logs/grid")
     return tmp / "logs" / "grid", proc
 
 
@@ -60,7 +60,7 @@ def test_each_job_of_a_grid_is_its_own_wandb_run_in_one_group(grid):
         runs[run_dir] = read_run(files[0])
     assert len({r.run_id for r in runs.values()}) == 4
     assert {r.group for r in runs.values()} == {"grid"}  # the sweep dir's name
-    assert {(r.project, r.job_type) for r in runs.values()} == {("mlxgpt", "train")}
+    assert {(r.project, r.job_type, tuple(r.tags)) for r in runs.values()} == {("mlxgpt", "train", ("tiny", "grid"))}
     swept = {(r.config["optimizer.lr"], r.config["model.n_layer"]) for r in runs.values()}
     assert swept == {(1e-3, 1), (1e-3, 2), (3e-3, 1), (3e-3, 2)}
     for run_dir, run in runs.items():
@@ -72,6 +72,12 @@ def test_each_job_of_a_grid_is_its_own_wandb_run_in_one_group(grid):
         evals, logs = metrics(run_dir, "eval"), metrics(run_dir, "train")
         assert run.values("val/loss") == [e["val/loss"] for e in evals]  # iterations 0, 5, 10
         assert run.values("train/loss") == [r["train/loss"] for r in logs]
+        # every log interval with all of its metrics (W&B gets no None: mfu on a device of unknown peak FLOP/s)
+        assert all({"lr", "grad_norm", "tok_per_s", "mfu", "memory_gb", "tokens"} <= set(r) for r in logs)
+        expected = [{k: v for k, v in r.items() if k != "event" and v is not None} for r in logs]
+        logged = [row for row in run.history if "train/loss" in row]
+        assert [{k: row.get(k) for k in e} for row, e in zip(logged, expected)] == expected
+        assert run.values("train/eval_loss") == [e["train/loss"] for e in evals]
         assert [row["iter"] for row in run.history if "val/loss" in row] == [0, 5, 10]
         best = min(e["val/loss"] for e in evals)
         assert run.summary["best/val_loss"] == best
