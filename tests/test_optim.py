@@ -1,14 +1,21 @@
-"""Schedules follow nanoGPT's get_lr; decay groups put weight decay on >= 2-D parameters only."""
+"""Schedules follow nanoGPT's get_lr; decay groups put weight decay on >= 2-D parameters only; a training update
+applies the schedule's lr to the clipped mean gradient of its micro-batches."""
 import math
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 from omegaconf import OmegaConf
 
 import mlxgpt  # noqa: F401  (fast BLAS before mlx)
+from mlxgpt.bench import compose
 from mlxgpt.optim import build_optimizer, build_schedule
+from mlxgpt.task import build_trainer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def nanogpt_lr(it, lr=6e-4, warmup=100, decay=2000, min_lr=6e-5):
@@ -64,3 +71,30 @@ def test_adamw_is_bias_corrected():
     w0 = model.weight.item()
     opt.update(model, {"weight": mx.array([[0.3]])})
     assert w0 - model.weight.item() == pytest.approx(0.1, rel=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_an_update_applies_the_clipped_mean_gradient_of_its_micro_batches(tmp_path, monkeypatch, compiled):
+    """Plain SGD at a constant lr: the weights move by -lr x the micro-batches' mean gradient, clipped to grad_clip;
+    the logged loss is their mean loss and the logged norm the mean gradient's before clipping."""
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    lr, clip = 0.1, 0.05
+    cfg = compose(CONF, ["model=nano", "model.n_embd=32", "trainer.batch_size=2", "trainer.block_size=16",
+                         "trainer.gradient_accumulation_steps=3", f"trainer.grad_clip={clip}",
+                         f"trainer.compile={str(compiled).lower()}", "optimizer=sgd", "optimizer.momentum=0",
+                         f"optimizer.lr={lr}", "schedule=constant", "logger=none"])
+    (tmp_path / "run").mkdir()
+    trainer = build_trainer(cfg, tmp_path / "run")
+    model, loss_and_grad = trainer.model, nn.value_and_grad(trainer.model, trainer.model.loss)
+    before = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+    micro = [loss_and_grad(*trainer._micro_batch(k, trainer.iter)) for k in range(3)]
+    mean = {k: sum(np.array(g[k]) for g in (dict(tree_flatten(g)) for _, g in micro)) / 3 for k in before}
+    norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in mean.values()))
+    assert norm > clip  # the clipping is in play
+
+    loss, logged_norm = trainer.train_step()
+    assert loss == pytest.approx(sum(value.item() for value, _ in micro) / 3, rel=1e-5)
+    assert logged_norm == pytest.approx(norm, rel=1e-4)
+    after = dict(tree_flatten(model.trainable_parameters()))
+    for k, w in before.items():
+        np.testing.assert_allclose(np.array(after[k]), w - lr * clip / norm * mean[k], atol=1e-6, err_msg=k)
