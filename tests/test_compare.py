@@ -184,6 +184,7 @@ def test_copies_of_records_in_hidden_folders_are_not_runs(tmp_path):
     assert find_run_dirs([tmp_path / "sweep"]) == [tmp_path / "sweep" / "0"]
 
 
+@pytest.mark.slow
 def test_a_reader_that_stops_early_ends_compare_quietly(grid, tmp_path):
     """`compare.py <sweep> | head`: no BrokenPipeError traceback when the reader closes the pipe."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "compare.py"), str(grid), "--out", str(tmp_path)],

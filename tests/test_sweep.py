@@ -113,7 +113,10 @@ def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
     assert best.best_value == min(values)
     assert set(best.best_params) == {"optimizer.lr", "model.n_layer"}
     assert 1e-4 <= best.best_params["optimizer.lr"] <= 3e-3
-    assert (sweep_dir / "summary.md").is_file()
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))  # sorted by best val loss
+    assert sorted(r["run"] for r in rows) == ["0", "1"] and {r["status"] for r in rows} == {"ok"}
+    assert (float(rows[0]["best_val_loss"]), rows[0]["is_best"], rows[1]["is_best"]) == (best.best_value, "True",
+                                                                                         "False")
 
 
 # train.py with a Ctrl-C arriving while the second job reads its data (before the training loop and its signal handler)
