@@ -544,6 +544,14 @@ def test_sample_on_a_gpu_without_one_names_its_own_option(work, base):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(mx.is_available(mx.gpu), reason="needs a machine without a GPU")
+def test_training_on_a_gpu_without_one_is_refused_before_any_work(work):
+    proc = train(work, "gpu", "trainer.device=gpu", check=False)
+    assert_one_line_error(proc, "error: trainer.device=gpu but no GPU is available")
+    assert "use trainer.device=auto or cpu" in proc.stderr and not (run_dir(work, "gpu") / "checkpoints").exists()
+
+
+@pytest.mark.slow
 def test_resume_from_another_runs_checkpoint_continues_it_in_a_new_run(work, base, reference):
     """trainer.resume=<checkpoint dir>: the new run goes on from there as the original would have; the original's
     directory is only read."""
