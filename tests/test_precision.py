@@ -1,11 +1,12 @@
 """Precision: mixed precision computes in bfloat16 from float32 master weights (checked on the CPU, where it is only
-slow)."""
+slow); a run asking for it on the CPU trains in float32 and says so."""
 import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
 
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import pytest
 from hydra import compose, initialize_config_dir
 from mlx.utils import tree_flatten
 
@@ -78,3 +79,15 @@ def test_half_precision_pretrained_weights_become_float32_master_weights(tmp_pat
     trainer.train_step()
     assert dtypes(trainer.model.parameters()) == {mx.float32}
     assert dtypes(trainer.optimizer.state) <= {mx.float32, mx.uint64}
+
+
+def test_a_bfloat16_run_on_the_cpu_trains_in_float32_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", ["model=nano", "model.n_embd=32", "trainer.batch_size=2", "trainer.block_size=16",
+                                 "trainer.dtype=bfloat16", "trainer.device=cpu", "logger=none"])
+    trainer = build_trainer(cfg, tmp_path / "run")
+    assert "trainer.dtype=bfloat16 is slow on the CPU" in caplog.text and cfg.trainer.dtype == "float32"  # recorded
+    float32_loss = trainer.model.loss(*trainer._micro_batch(0, trainer.iter)).item()
+    assert trainer.train_step()[0] == pytest.approx(float32_loss, rel=1e-6)  # bfloat16 differs from the 5th digit
