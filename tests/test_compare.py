@@ -105,6 +105,8 @@ def test_compare_without_runs_is_a_one_line_user_error(tmp_path):
     proc = python("compare.py", str(tmp_path), cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no run directories") and proc.stderr.count("\n") == 1
+    make = subprocess.run(["make", "-s", "-C", str(ROOT), "compare"], capture_output=True, text=True, timeout=60)
+    assert make.returncode == 2 and make.stderr.startswith("error: no runs given; make compare RUNS=")
 
 
 @pytest.mark.slow

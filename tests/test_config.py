@@ -190,6 +190,17 @@ def test_help_shows_each_scripts_own_options(script, shown, not_shown):
     assert all(s in proc.stdout for s in shown) and not any(s in proc.stdout for s in not_shown), proc.stdout
 
 
+@pytest.mark.slow
+def test_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--cfg", "job", "model=nano", "optimizer.lr=3e-4"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    printed = OmegaConf.create(proc.stdout)
+    assert (printed.model.name, printed.model.n_embd, printed.optimizer.lr, printed.data.source) == ("nano", 64, 3e-4,
+                                                                                                     "pydoc")
+    assert list(tmp_path.iterdir()) == []  # no run directory, no prepared data
+
+
 def test_make_help_lists_every_documented_target():
     """`make` / `make help`: each target with a `## ` comment in the Makefile, and what it does."""
     make = (ROOT / "Makefile").read_text()
