@@ -99,7 +99,9 @@ def test_each_contenders_peak_memory_is_its_own(tmp_path, monkeypatch):
     monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
     alone, together = _peaks_mb(["ours"]), _peaks_mb(["ours", "bare"])
     assert together["ours"] == pytest.approx(alone["ours"], rel=0.05)
-    assert together["bare"] == pytest.approx(_peaks_mb(["bare"])["bare"], rel=0.05)
+    # The bare step's own peak varies by up to ~12% at this size (when MLX's CPU thread frees intermediates); another
+    # contender's state counted in it would add more than half
+    assert together["bare"] == pytest.approx(_peaks_mb(["bare"])["bare"], rel=0.25)
 
 
 def test_torch_flags_name_the_table_so_the_presets_table_is_kept(tmp_path, monkeypatch):
