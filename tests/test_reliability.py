@@ -409,6 +409,9 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
     truncated = copy_run(work, base, "truncated")
     model_file = truncated / "checkpoints" / "last" / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:1000])
+    damaged = copy_run(work, base, "damaged")
+    state_file = damaged / "checkpoints" / "iter_0000020" / "state.json"
+    state_file.write_text(json.dumps({k: v for k, v in json.loads(state_file.read_text()).items() if k != "model_config"}))
     (work / "not_a_checkpoint").mkdir()
     (work / "not_a_checkpoint" / "notes.txt").write_text("hello")
     (work / "foreign").mkdir()
@@ -482,6 +485,10 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "sample: truncated checkpoint": ([*sample, f"checkpoint={truncated}", "which=last"], "corrupt or truncated",
                                          truncated),
         "sample: not a checkpoint": ([*sample, f"checkpoint={work}/foreign"], "is not an mlxgpt checkpoint", None),
+        "sample: damaged state.json": (  # the older checkpoint of the run is the way out
+            [*sample, f"checkpoint={damaged}", "which=last"],
+            f"has a damaged state.json (no model_config); use another checkpoint, e.g. {damaged}/checkpoints/iter_0000010",
+            damaged),
         "sample: prompt longer than the context": ([*sample, f"checkpoint={base}", f"prompt={'a' * 40}"],
                                                    "longer than the model's context of 32", base),
         "sample: missing prompt file": ([*sample, f"checkpoint={base}", "prompt=FILE:nowhere.txt"],
@@ -521,6 +528,7 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "callback option: early stopping without evaluations", "callback option: a class that does not exist",
               "sample: no checkpoint given", "sample: which",
               "sample: missing checkpoint", "sample: truncated checkpoint", "sample: not a checkpoint",
+              "sample: damaged state.json",
               "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits",
               "sample: missing prompt file"]
 
@@ -616,7 +624,7 @@ def test_loading_a_pickle_disguised_as_a_checkpoint_runs_no_code(tmp_path):
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "state.json").write_text(json.dumps({"format": checkpoint.FORMAT, "iter": 1}))
+    (ckpt / "state.json").write_text(json.dumps({"format": checkpoint.FORMAT, **dict.fromkeys(checkpoint.STATE_KEYS)}))
     for name in checkpoint.ARRAY_FILES:
         (ckpt / name).write_bytes(pickle.dumps(Payload()))
     with pytest.raises(UserError, match="corrupt or truncated"):

@@ -23,6 +23,7 @@ from mlxgpt.errors import UserError
 FORMAT = "mlxgpt-checkpoint"
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 ARRAY_FILES = FILES[:2]
+STATE_KEYS = ("iter", "tokens_seen", "best_val_loss", "seed", "model_config", "tokenizer", "config")  # readers need
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # what makes weights fit a model
 ITER_DIR = re.compile(r"iter_(\d+)(?:-(\d+))?")  # iter_0000040, or iter_0000040-1 for a second save of iteration 40
 DEBRIS = (".iter_*", ".last.tmp*", ".best.tmp*")  # left by a save or prune that was killed
@@ -144,10 +145,20 @@ def read_state(ckpt: Path) -> dict:
     try:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint {ckpt} has an unreadable state.json ({e}); use another checkpoint") from None
+        raise UserError(f"checkpoint {ckpt} has an unreadable state.json ({e}); {_use_another(ckpt)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{ckpt} is not an mlxgpt checkpoint (state.json has no format={FORMAT!r})")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise UserError(f"checkpoint {ckpt} has a damaged state.json (no {', '.join(missing)}); {_use_another(ckpt)}")
     return state
+
+
+def _use_another(ckpt: Path) -> str:
+    """The fix for a damaged checkpoint, naming the newest other one of its run where there is one."""
+    here = ckpt.resolve()
+    others = [name for name in _iteration_dirs(here.parent) if name != here.name] if ITER_DIR.fullmatch(here.name) else []
+    return f"use another checkpoint, e.g. {here.parent / others[-1]}" if others else "use another checkpoint"
 
 
 def verify(ckpt: Path) -> dict:
@@ -156,9 +167,9 @@ def verify(ckpt: Path) -> dict:
     for name in ARRAY_FILES:
         path = ckpt / name
         if not path.is_file():
-            raise UserError(f"checkpoint {ckpt} is incomplete: {name} is missing; use another checkpoint")
+            raise UserError(f"checkpoint {ckpt} is incomplete: {name} is missing; {_use_another(ckpt)}")
         if not _complete_safetensors(path):
-            raise UserError(f"checkpoint file {path} is corrupt or truncated; use another checkpoint")
+            raise UserError(f"checkpoint file {path} is corrupt or truncated; {_use_another(ckpt)}")
     return state
 
 
@@ -212,8 +223,8 @@ def load_arrays(ckpt: Path, name: str) -> dict[str, mx.array]:
     """One safetensors file of a checkpoint; a missing or truncated file is a UserError."""
     path = ckpt / name
     if not path.is_file():
-        raise UserError(f"checkpoint {ckpt} is incomplete: {name} is missing; use another checkpoint")
+        raise UserError(f"checkpoint {ckpt} is incomplete: {name} is missing; {_use_another(ckpt)}")
     try:
         return mx.load(str(path))
     except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or foreign files
-        raise UserError(f"checkpoint file {path} is corrupt or truncated ({e}); use another checkpoint") from None
+        raise UserError(f"checkpoint file {path} is corrupt or truncated ({e}); {_use_another(ckpt)}") from None
