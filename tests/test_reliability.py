@@ -153,6 +153,18 @@ def test_sigint_finishes_the_step_saves_and_the_printed_command_resumes_identica
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(ckpts.parent) == reference  # also when it stopped between two log lines
+    assert "settings it was not trained with" not in resumed.stderr
+
+
+@pytest.mark.slow
+def test_continuing_with_other_settings_warns_naming_them(work, base):
+    changed = copy_run(work, base, "changed")
+    proc = train(work, "changed", "trainer.resume=auto", "trainer.max_iters=22", "optimizer.lr=1e-3",
+                 "trainer.seed=7", "trainer.compile=false", "trainer.log_interval=1")  # max_iters, compile, log_interval: same math
+    (warning,) = [line for line in proc.stderr.splitlines() if "settings it was not trained with" in line]
+    assert warning == (f"mlxgpt: warning: continuing {changed / 'checkpoints' / 'iter_0000020'} with settings it was "
+                       f"not trained with: optimizer.lr=0.001 (was 0.0006), trainer.seed=7 (was 1337); the run's "
+                       f"config now records these")
 
 
 @pytest.mark.slow

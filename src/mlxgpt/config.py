@@ -186,6 +186,15 @@ def masked_container(cfg: DictConfig) -> dict:
     return mask(OmegaConf.to_container(cfg, resolve=True))
 
 
+def dotted(node: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys (`{"optimizer": {"lr": 1}}` -> `{"optimizer.lr": 1}`)."""
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        flat.update(dotted(value, name) if isinstance(value, dict) and value else {name: value})
+    return flat
+
+
 SEED_LIMIT = 2**63  # MLX seeds are 64-bit unsigned; the sample callback adds the iteration to trainer.seed
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mlxgpt import checkpoint
 from mlxgpt.cli import fail, user_message
-from mlxgpt.config import validate
+from mlxgpt.config import dotted, masked_container, validate
 from mlxgpt.errors import UserError, disk_error
 
 LOCK_FILE = ".lock"
@@ -202,6 +202,18 @@ def check_same_job(run_dir: Path, current: list[str]) -> None:
         diff = ", ".join(f"{k}={old.get(k, 'default')} (now {new.get(k, 'default')})" for k in changed)
         raise UserError(f"job directory {run_dir} was trained with {diff}: continue the sweep with its original "
                         f"values, or start it in a new hydra.sweep.dir")
+
+
+SAME_MATH_KEYS = ("run_name", "init_from", "data.cache_dir", "data.num_proc", "trainer.compile", "trainer.cpu_streams",
+                  "trainer.grad_checkpoint")  # where a run is, and how its steps are computed: not what it learns
+
+
+def changed_settings(saved: dict, cfg: DictConfig) -> list[str]:
+    """`key=now (was before)` for each setting a continued run changes from its checkpoint's config (`saved`), but
+    for those a continued run may change without changing what it learns (CONTINUE_KEYS, SAME_MATH_KEYS)."""
+    before, now = dotted(saved), dotted(masked_container(cfg))
+    return [f"{key}={now[key]} (was {before[key]})" for key in now
+            if key in before and now[key] != before[key] and not key.startswith((*CONTINUE_KEYS, *SAME_MATH_KEYS))]
 
 
 def _override_values(overrides: list[str]) -> dict[str, object]:

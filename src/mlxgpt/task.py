@@ -29,8 +29,8 @@ from mlxgpt.log import FILE_ONLY, log
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
 from mlxgpt.pretrained import GPT2_SIZES, exported_char_vocabulary, load_pretrained
-from mlxgpt.rundir import (check_same_job, check_start, holds_lock, is_main_process, lock_run_dir, resume_command,
-                           settle_records, unlock_run_dir)
+from mlxgpt.rundir import (changed_settings, check_same_job, check_start, holds_lock, is_main_process, lock_run_dir,
+                           resume_command, settle_records, unlock_run_dir)
 from mlxgpt.sweep import write_summary
 from mlxgpt.trainer import Trainer, load_weights
 
@@ -110,6 +110,10 @@ def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
         if done:
             raise AlreadyFinished(f"{run_dir} {done}", math.inf if state.get("best_val_loss") is None
                                   else state["best_val_loss"])
+        changed = changed_settings(state["config"], cfg)
+        if changed and is_main_process():
+            log.warning(f"mlxgpt: warning: continuing {resume_from} with settings it was not trained with: "
+                        f"{', '.join(changed)}; the run's config now records these")
     if t.resume == "auto" and not t.eval_only and is_main_process():
         log.info("mlxgpt: trainer.resume=auto: " + (f"continuing from {resume_from}" if resume_from else
                                                      f"no checkpoint in {run_dir}, starting a new run"))

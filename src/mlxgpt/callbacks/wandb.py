@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from mlxgpt.callbacks.base import Callback
 from mlxgpt.callbacks.sample import RECORDS as SAMPLES
-from mlxgpt.config import masked_container
+from mlxgpt.config import dotted, masked_container
 from mlxgpt.log import log
 from mlxgpt.rundir import own_checkpoint
 
@@ -196,17 +196,7 @@ def flat_config(cfg) -> dict[str, Any]:
     everywhere: the UI's columns, the API's `run.config`, offline files, and `key=value` on the command line.
     Values of keys that look like credentials are masked.
     """
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = node
-
-    walk("", masked_container(cfg))
-    return flat
+    return dotted(masked_container(cfg))
 
 
 def group_choices() -> dict[str, str]:
