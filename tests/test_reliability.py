@@ -157,6 +157,21 @@ def test_sigint_finishes_the_step_saves_and_the_printed_command_resumes_identica
 
 
 @pytest.mark.slow
+def test_a_run_started_from_another_runs_checkpoint_and_stopped_before_its_own_continues_from_that_one(work, base):
+    start_from = f"{base}/checkpoints/iter_0000010"
+    stopped = subprocess.run([sys.executable, str(ROOT / "tests/ctrl_c_in_setup.py"), "0",
+                              *train_command(work, "forked_early", f"trainer.resume={start_from}")[1:]],
+                             capture_output=True, text=True, cwd=work, env=env(work), timeout=300)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    command = shlex.split(last_line(stopped.stderr).split("continue with: ")[1])
+    assert command[-2:] == ["run_name=forked_early", f"trainer.resume={start_from}"]  # auto would start afresh
+    continued = subprocess.run([sys.executable, *command[1:], "trainer.max_iters=20"], capture_output=True, text=True,
+                               cwd=work, env=env(work), timeout=300)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert losses(run_dir(work, "forked_early")) == [r for r in losses(base) if r[1] > 10]  # on from base's iter 10
+
+
+@pytest.mark.slow
 def test_continuing_with_other_settings_warns_naming_them(work, base):
     changed = copy_run(work, base, "changed")
     proc = train(work, "changed", "trainer.resume=auto", "trainer.max_iters=22", "optimizer.lr=1e-3",

@@ -119,22 +119,11 @@ def test_optuna_search_runs_its_trials_and_reports_the_best(tmp_path):
                                                                                          "False")
 
 
-# train.py with a Ctrl-C arriving while the second job reads its data (before the training loop and its signal handler)
-CTRL_C_IN_SETUP = """import itertools, os, runpy, signal, sys
-import mlxgpt.task as task
-load, jobs = task.load_data, itertools.count()
-task.load_data = lambda cfg: (next(jobs) == 1 and os.kill(os.getpid(), signal.SIGINT), load(cfg))[1]
-sys.argv[0] = sys.argv[1]
-del sys.argv[1]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 @pytest.mark.slow
 def test_a_sweep_stopped_by_ctrl_c_before_training_is_interrupted_says_how_to_continue_and_has_a_summary(tmp_path):
     env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data")}
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_IN_SETUP, str(ROOT / "train.py"), "-m", *TINY,
-                           f"paths.log_dir={tmp_path}/logs", "hydra.sweep.dir=logs/sweep",
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/ctrl_c_in_setup.py"), "1", str(ROOT / "train.py"), "-m",
+                           *TINY, f"paths.log_dir={tmp_path}/logs", "hydra.sweep.dir=logs/sweep",
                            "optimizer.lr=1e-3,2e-3,3e-3"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

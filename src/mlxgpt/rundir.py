@@ -146,9 +146,9 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     return checkpoint.resolve(resume)
 
 
-def resume_command(run_name: str, multirun: bool) -> str:
+def resume_command(run_name: str, multirun: bool, resume: str = "auto") -> str:
     """The command line that continues this run (its overrides, Hydra's own too, e.g. hydra.run.dir or
-    hydra/launcher=slurm; trainer.resume=auto); for a sweep's job, the whole sweep in its directory."""
+    hydra/launcher=slurm; trainer.resume=`resume`); for a sweep's job, the whole sweep in its directory."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
@@ -158,7 +158,7 @@ def resume_command(run_name: str, multirun: bool) -> str:
         return shlex.join(["python", _script(hc), "-m", *keep, f"hydra.sweep.dir={hc.sweep.dir}",
                            "trainer.resume=auto"])
     keep = [o for o in [*hc.overrides.hydra, *hc.overrides.task] if not o.startswith((*dropped, "run_name="))]
-    return shlex.join(["python", _script(hc), *keep, f"run_name={run_name}", "trainer.resume=auto"])
+    return shlex.join(["python", _script(hc), *keep, f"run_name={run_name}", f"trainer.resume={resume}"])
 
 
 def _script(hc) -> str:

@@ -62,10 +62,11 @@ def train(cfg: DictConfig) -> float:
         _write_failure(run_dir, {"status": "interrupted", "iter": e.iteration})
         group = mx.distributed.init()
         if is_main_process():
-            saved = checkpoint.latest(run_dir / "checkpoints")
+            saved, start = checkpoint.latest(run_dir / "checkpoints"), cfg.trainer.resume
             launch = f", under mlx.launch on {group.size()} processes as before" if group.size() > 1 else ""
+            resume = "auto" if saved or start in (None, "auto") else start  # else: another run's checkpoint
             log.warning(f"mlxgpt: {e}; {f'latest checkpoint {saved}' if saved else 'no checkpoint saved'}; continue "
-                        f"with{launch}: {resume_command(cfg.run_name, multirun)}")
+                        f"with{launch}: {resume_command(cfg.run_name, multirun, resume)}")
         if e.iteration is not None and group.size() > 1:  # all ranks stopped together: they wait for rank 0's
             mx.eval(mx.distributed.all_sum(mx.array(0), group=group))  # records (mlx.launch ends all once one exits)
         sys.exit(e.exit_code)
