@@ -180,6 +180,9 @@ def test_continuing_with_other_settings_warns_naming_them(work, base):
     assert warning == (f"mlxgpt: warning: continuing {changed / 'checkpoints' / 'iter_0000020'} with settings it was "
                        f"not trained with: optimizer.lr=0.001 (was 0.0006), trainer.seed=7 (was 1337); the run's "
                        f"config now records these")
+    train(work, "tuned", f"init_from={base}", "trainer.max_iters=10")  # data.chars: set from base's characters
+    continued = train(work, "tuned", f"init_from={base}", "trainer.max_iters=12", "trainer.resume=auto")
+    assert "settings it was not trained with" not in continued.stderr
 
 
 @pytest.mark.slow

@@ -111,10 +111,6 @@ def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
         if done:
             raise AlreadyFinished(f"{run_dir} {done}", math.inf if state.get("best_val_loss") is None
                                   else state["best_val_loss"])
-        changed = changed_settings(state["config"], cfg)
-        if changed and is_main_process():
-            log.warning(f"mlxgpt: warning: continuing {resume_from} with settings it was not trained with: "
-                        f"{', '.join(changed)}; the run's config now records these")
     if t.resume == "auto" and not t.eval_only and is_main_process():
         log.info("mlxgpt: trainer.resume=auto: " + (f"continuing from {resume_from}" if resume_from else
                                                      f"no checkpoint in {run_dir}, starting a new run"))
@@ -149,6 +145,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = Non
                     f"float32")
         t.dtype = "float32"  # the run records what it computes in
     _use_init_char_vocabulary(cfg)
+    if resume_from is not None and not t.eval_only and is_main_process():  # the config as the run will record it
+        changed = changed_settings(checkpoint.read_state(resume_from)["config"], cfg)
+        if changed:
+            log.warning(f"mlxgpt: warning: continuing {resume_from} with settings it was not trained with: "
+                        f"{', '.join(changed)}; the run's config now records these")
     log.info(OmegaConf.to_yaml(masked_container(cfg)).rstrip())
     callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()] + list(extra_callbacks)  # before data
 
