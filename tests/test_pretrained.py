@@ -141,6 +141,17 @@ def test_missing_files_and_unknown_names_are_user_errors(tmp_path):
         load_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("key, value", [("tie_word_embeddings", False), ("scale_attn_weights", False),
+                                        ("scale_attn_by_inverse_layer_idx", True)])
+def test_a_config_with_other_gpt2_math_is_refused(tmp_path, key, value):
+    """With these, transformers computes other logits than our GPT would (an untied head's weights were dropped)."""
+    export_hf(make_model(), tmp_path)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), key: value}))
+    with pytest.raises(UserError, match=f"has {key}={json.dumps(value)};"):
+        load_pretrained(str(tmp_path))
+
+
 def test_corrupt_weights_file_is_a_user_error(tmp_path):
     export_hf(make_model(), tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")

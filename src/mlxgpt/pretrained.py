@@ -27,6 +27,8 @@ MODEL_CONFIGS = {"gpt2": "gpt2_small", "gpt2-medium": "gpt2_medium", "gpt2-large
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 RUN_FILES = ("state.json", "checkpoints", ".hydra")  # what marks an mlxgpt checkpoint or run directory
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+# config.json settings that change a GPT-2's outputs, at the only values our GPT computes (HF's defaults)
+GPT2_SETTINGS = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
 
 
 def hf_to_mlxgpt(hf_weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -82,11 +84,7 @@ def load_pretrained(name_or_path: str, model_config: GPTConfig | None = None) ->
     """
     config_path, weights_path = _resolve(name_or_path)
     hf = json.loads(config_path.read_text())
-    if hf.get("model_type") != "gpt2" or hf.get("activation_function", "gelu_new") not in TANH_GELUS:
-        raise UserError(
-            f"{config_path} describes model_type={hf.get('model_type')} activation={hf.get('activation_function')}, "
-            "not a GPT-2 with tanh GELU; use an OpenAI GPT-2 checkpoint"
-        )
+    _check_gpt2(hf, config_path)
     sizes = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
     config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], bias=True, **sizes)
     if model_config is not None:
@@ -110,6 +108,20 @@ def load_pretrained(name_or_path: str, model_config: GPTConfig | None = None) ->
         raise UserError(f"cannot read {weights_path} ({e}); download the weights again") from e
     params["wpe.weight"] = params["wpe.weight"][: config.block_size]
     return config, params
+
+
+def _check_gpt2(hf: dict, config_path: Path) -> None:
+    """UserError unless the HF config describes a GPT-2 that our GPT computes (tanh GELU, tied head, usual scaling)."""
+    if hf.get("model_type") != "gpt2" or hf.get("activation_function", "gelu_new") not in TANH_GELUS:
+        raise UserError(
+            f"{config_path} describes model_type={hf.get('model_type')} activation={hf.get('activation_function')}, "
+            "not a GPT-2 with tanh GELU; use an OpenAI GPT-2 checkpoint"
+        )
+    unlike = [f"{key}={json.dumps(hf[key])}" for key, value in GPT2_SETTINGS.items() if hf.get(key, value) != value]
+    if unlike:
+        expected = " ".join(f"{key}={json.dumps(value)}" for key, value in GPT2_SETTINGS.items())
+        raise UserError(f"{config_path} has {' '.join(unlike)}; this GPT computes only GPT-2's {expected}: use a "
+                        "checkpoint with those")
 
 
 def _sizes_text(sizes: dict) -> str:
