@@ -20,7 +20,8 @@ def main(cfg: DictConfig) -> None:
         raise UserError(f"invalid format={cfg.format}: the supported format is hf")
     validate_sample(cfg, "export.py")
     model, tokenizer, state = load_model(cfg.checkpoint, cfg.which)
-    out = export_hf(model, cfg.out, overwrite=cfg.overwrite, tokenizer_meta=tokenizer.to_meta())
+    out = export_hf(model, cfg.out, overwrite=cfg.overwrite, tokenizer_meta=tokenizer.to_meta(),
+                    vocab_size=tokenizer.vocab_size)
     print(f"exported iteration {state['iter']} of {cfg.checkpoint} to {out} (Hugging Face GPT-2 format)")
     if tokenizer.name == "char":
         print(f"its {tokenizer.vocab_size}-character vocabulary is in config.json (mlxgpt_tokenizer): Hugging Face "

@@ -90,6 +90,20 @@ def test_bias_free_padded_vocab_model_exports_with_zero_biases(tmp_path):
     assert mx.allclose(loaded(idx), model(idx), atol=1e-6)
 
 
+def test_export_leaves_out_the_padded_rows_of_the_vocabulary(tmp_path):
+    model = make_model(replace(CONFIG, vocab_size=128))
+    export_hf(model, tmp_path, vocab_size=96)
+    assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == 96
+    config, params = load_pretrained(str(tmp_path))
+    assert config == CONFIG and mx.array_equal(params["wte.weight"], model.wte.weight[:96])
+    loaded = GPT(config)
+    loaded.load_weights(list(params.items()))
+    loaded.eval()
+    idx = mx.array([[5, 6, 7]])
+    assert mx.array_equal(loaded(idx), model(idx)[..., :96])
+    assert list(loaded.generate(idx, 12, temperature=0)) == list(model.generate(idx, 12, temperature=0, vocab_size=96))
+
+
 def test_export_refuses_to_overwrite(tmp_path):
     model = make_model()
     export_hf(model, tmp_path)
@@ -187,16 +201,21 @@ def test_hub_name_loads_from_the_cache_offline(offline_hub_cache, tmp_path):
     assert_same_arrays(params, params_of(model))
 
 
-def test_transformers_loads_the_export_with_the_same_logits(tmp_path):
+def test_transformers_loads_the_export_with_the_same_logits_and_greedy_tokens(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    model = make_model(replace(CONFIG, bias=False))
-    export_hf(model, tmp_path)
-    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    model = make_model(replace(CONFIG, bias=False, vocab_size=128))  # padded: transformers sees the 96 tokens only
+    export_hf(model, tmp_path, vocab_size=96)
+    hf_model, loading = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(loading.values())  # no missing, unexpected or mismatched weights
     idx = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
-        expected = hf_model(torch.tensor(idx)).logits.numpy()
-    np.testing.assert_allclose(np.array(model(mx.array(idx))), expected, atol=1e-5, rtol=0)
+        expected = hf_model.eval()(torch.tensor(idx)).logits.numpy()
+        greedy = hf_model.generate(torch.tensor(idx), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                   attention_mask=torch.ones(idx.shape, dtype=torch.long))[0, idx.shape[1]:].tolist()
+    np.testing.assert_allclose(np.array(model(mx.array(idx)))[..., :96], expected, atol=1e-5, rtol=0)
+    for use_cache in (True, False):
+        assert list(model.generate(mx.array(idx), 8, temperature=0, use_cache=use_cache, vocab_size=96)) == greedy
 
 
 def test_a_checkpoint_saved_by_transformers_loads_with_the_same_logits(tmp_path):

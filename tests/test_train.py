@@ -121,6 +121,16 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     assert "\ndef" in out.stdout
 
 
+def test_export_of_a_padded_vocabulary_holds_the_tokens_rows_only(tmp_path):
+    """model.vocab_size above the tokenizer's: transformers gets no extra ids to sample, as sample.py draws none."""
+    (tmp_path / "abc.txt").write_text("abc cab\n" * 200)
+    run(["train.py", *TINY, "data=text", f"data.path={tmp_path}/abc.txt", "model.vocab_size=64", "trainer.max_iters=2",
+         "trainer.eval_interval=2", f"paths.log_dir={tmp_path}/logs", "run_name=p"], tmp_path)
+    run(["export.py", f"checkpoint={tmp_path}/logs/runs/p", f"out={tmp_path}/hf"], tmp_path)
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert config["vocab_size"] == len(config["mlxgpt_tokenizer"]["chars"]) == 5
+
+
 def test_early_stopping_ends_the_run_when_the_val_loss_stops_improving(tmp_path):
     """No evaluation improves on the first by min_delta=100: the run stops after `patience` of them."""
     proc = run(["train.py", *TINY, "trainer.max_iters=100", "trainer.eval_interval=10",

@@ -128,9 +128,12 @@ def _sizes_text(sizes: dict) -> str:
     return "n_layer={n_layer} n_head={n_head} n_embd={n_embd}".format(**sizes)
 
 
-def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenizer_meta: dict | None = None) -> Path:
+def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenizer_meta: dict | None = None,
+              vocab_size: int | None = None) -> Path:
     """Write `config.json` + `model.safetensors` that transformers loads as GPT2LMHeadModel; returns out_dir. A char
-    model's vocabulary goes into config.json as `mlxgpt_tokenizer` (init_from=<that dir> tokenizes with it)."""
+    model's vocabulary goes into config.json as `mlxgpt_tokenizer` (init_from=<that dir> tokenizes with it).
+    vocab_size (the tokenizer's) leaves out a padded vocabulary's extra rows, which are no tokens (transformers would
+    sample them)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; export_hf needs a directory")
@@ -141,16 +144,18 @@ def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenize
         raise UserError(f"{out} exists and is not empty; choose another directory or pass overwrite=True")
     out.mkdir(parents=True, exist_ok=True)
     params = dict(tree_flatten(model.parameters()))
+    vocab_size = vocab_size or model.config.vocab_size
+    params["wte.weight"] = params["wte.weight"][:vocab_size]
     for name, weight in list(params.items()):  # HF GPT-2 always has biases: zeros keep a bias=False model exact
         bias_name = name.removesuffix("weight") + "bias"
         if name.endswith(".weight") and name not in ("wte.weight", "wpe.weight") and bias_name not in params:
             params[bias_name] = mx.zeros((weight.shape[0],), weight.dtype)
     cfg = model.config
-    eos = 50256 if cfg.vocab_size > 50256 else None  # GPT-2 BPE's <|endoftext|>, when the vocab has it
+    eos = 50256 if vocab_size > 50256 else None  # GPT-2 BPE's <|endoftext|>, when the vocab has it
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": vocab_size,
         "n_positions": cfg.block_size,
         "n_ctx": cfg.block_size,
         "n_embd": cfg.n_embd,
