@@ -32,7 +32,8 @@ PADDED = 64  # model ids CHARS' 30..63 are padding
 
 def save(directory: Path, model: GPT, iteration: int, is_best: bool = False) -> None:
     """A checkpoint of `model` at `iteration` in `directory`/checkpoints, as training writes it (CHARS' tokenizer)."""
-    state = {"iter": iteration, "model_config": asdict(model.config), "tokenizer": CharTokenizer(CHARS).to_meta()}
+    state = {"iter": iteration, "tokens_seen": 0, "best_val_loss": None, "seed": 0, "config": {},
+             "model_config": asdict(model.config), "tokenizer": CharTokenizer(CHARS).to_meta()}
     checkpoint.save_checkpoint(directory / "checkpoints", model.parameters(), {}, state, is_best=is_best, keep=5)
 
 
