@@ -156,7 +156,7 @@ def test_missing_files_and_unknown_names_are_user_errors(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("tie_word_embeddings", False), ("scale_attn_weights", False),
-                                        ("scale_attn_by_inverse_layer_idx", True)])
+                                        ("scale_attn_by_inverse_layer_idx", True), ("layer_norm_epsilon", 1e-6)])
 def test_a_config_with_other_gpt2_math_is_refused(tmp_path, key, value):
     """With these, transformers computes other logits than our GPT would (an untied head's weights were dropped)."""
     export_hf(make_model(), tmp_path)

@@ -28,7 +28,8 @@ WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 RUN_FILES = ("state.json", "checkpoints", ".hydra")  # what marks an mlxgpt checkpoint or run directory
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 # config.json settings that change a GPT-2's outputs, at the only values our GPT computes (HF's defaults)
-GPT2_SETTINGS = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
+GPT2_SETTINGS = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                 "layer_norm_epsilon": 1e-5}
 
 
 def hf_to_mlxgpt(hf_weights: dict[str, mx.array]) -> dict[str, mx.array]:
