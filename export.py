@@ -13,12 +13,15 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from mlxgpt.config import validate_sample
     from mlxgpt.errors import UserError
-    from mlxgpt.pretrained import export_hf
+    from mlxgpt.pretrained import export_hf, is_pretrained
     from mlxgpt.sampling import load_model
 
     if cfg.format != "hf":
         raise UserError(f"invalid format={cfg.format}: the supported format is hf")
     validate_sample(cfg, "export.py")
+    if is_pretrained(cfg.checkpoint):
+        raise UserError(f"checkpoint={cfg.checkpoint} is already a Hugging Face GPT-2 model; export.py converts "
+                        f"mlxgpt runs and checkpoints")
     model, tokenizer, state = load_model(cfg.checkpoint, cfg.which)
     out = export_hf(model, cfg.out, overwrite=cfg.overwrite, tokenizer_meta=tokenizer.to_meta(),
                     vocab_size=tokenizer.vocab_size)

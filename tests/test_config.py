@@ -190,6 +190,15 @@ def test_help_shows_each_scripts_own_options(script, shown, not_shown):
     assert all(s in proc.stdout for s in shown) and not any(s in proc.stdout for s in not_shown), proc.stdout
 
 
+@pytest.mark.parametrize("flag", ["--help", "--cfg=job"])
+def test_a_reader_that_stops_early_ends_help_quietly(flag):
+    """`train.py --help | head`: no error when the reader closes the pipe (was 'invalid override (BrokenPipeError)')."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), flag], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    assert proc.stderr.read() == "" and proc.wait(timeout=120) == 1
+
+
 @pytest.mark.slow
 def test_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--cfg", "job", "model=nano", "optimizer.lr=3e-4"],

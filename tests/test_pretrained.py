@@ -184,6 +184,14 @@ def offline_hub_cache(tmp_path, monkeypatch):
     return cache
 
 
+def cache_as_gpt2(cache: Path, model: GPT) -> None:
+    """Put the model in the hub cache as `gpt2` (the cache's layout: refs/main names a snapshot directory)."""
+    commit = "0" * 40
+    export_hf(model, cache / "models--gpt2" / "snapshots" / commit)
+    (cache / "models--gpt2" / "refs").mkdir()
+    (cache / "models--gpt2" / "refs" / "main").write_text(commit)
+
+
 def test_hub_name_without_network_or_cache_explains_the_offline_route(offline_hub_cache):
     with pytest.raises(UserError, match="hf download gpt2 config.json model.safetensors --local-dir"):
         load_pretrained("gpt2")
@@ -191,14 +199,25 @@ def test_hub_name_without_network_or_cache_explains_the_offline_route(offline_hu
 
 def test_hub_name_loads_from_the_cache_offline(offline_hub_cache, tmp_path):
     model = make_model()
-    commit = "0" * 40  # the hub cache layout: refs/main names a snapshot directory
-    snapshot = offline_hub_cache / "models--gpt2" / "snapshots" / commit
-    export_hf(model, snapshot)
-    (offline_hub_cache / "models--gpt2" / "refs").mkdir()
-    (offline_hub_cache / "models--gpt2" / "refs" / "main").write_text(commit)
+    cache_as_gpt2(offline_hub_cache, model)
     config, params = load_pretrained("gpt2")
     assert config == CONFIG
     assert_same_arrays(params, params_of(model))
+
+
+def test_sample_py_takes_a_gpt2_hub_name_and_its_bpe(offline_hub_cache, tiktoken_cache):
+    from mlxgpt.config import SampleConfig
+    from mlxgpt.sampling import sample
+    from mlxgpt.tokenizer import GPT2Tokenizer
+
+    model = make_model()
+    cache_as_gpt2(offline_hub_cache, model)
+    bpe = GPT2Tokenizer()
+    ids = bpe.encode("!#")  # ids below the test model's 96
+    expected = "!#" + bpe.decode(list(model.generate(mx.array([ids]), 6, temperature=0, use_cache=False)))
+    options = OmegaConf.structured(SampleConfig(checkpoint="gpt2", prompt="!#", num_samples=1, max_new_tokens=6,
+                                                temperature=0.0, device="cpu"))
+    assert list(sample(options)) == [expected]
 
 
 def test_transformers_loads_the_export_with_the_same_logits_and_greedy_tokens(tmp_path):

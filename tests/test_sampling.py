@@ -19,6 +19,7 @@ from mlxgpt.config import SampleConfig, register_configs
 from mlxgpt.data import load_data
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
+from mlxgpt.pretrained import export_hf
 from mlxgpt.sampling import sample
 from mlxgpt.task import _build_model
 from mlxgpt.tokenizer import CharTokenizer
@@ -125,3 +126,12 @@ def test_which_takes_the_best_or_the_last_checkpoint_and_best_falls_back_to_last
     (tmp_path / "checkpoints" / "best").unlink()  # a run stopped before its first evaluation has no best
     texts = list(sample(options(tmp_path, prompt="abc", num_samples=1, max_new_tokens=20, temperature=0.0)))
     assert texts == [greedy(last, "abc", 20)]
+
+
+def test_a_hugging_face_export_samples_as_its_run_did(tmp_path):
+    """checkpoint= a Hugging Face GPT-2 directory (here our export of a char model, which keeps its characters)."""
+    save(tmp_path / "run", chaotic(3), 10)
+    export_hf(chaotic(3), tmp_path / "hf", tokenizer_meta=CharTokenizer(CHARS).to_meta())
+    runs = [list(sample(options(tmp_path / where, prompt="abc", num_samples=2, max_new_tokens=20, temperature=0.8,
+                                seed=5))) for where in ("run", "hf")]
+    assert runs[0] == runs[1] and runs[0][0] != runs[0][1]

@@ -91,6 +91,11 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     assert json.loads((tmp_path / "hf/config.json").read_text())["mlxgpt_tokenizer"] == vocabulary
     again = run(["export.py", f"checkpoint={run_dir}", f"out={tmp_path}/hf"], tmp_path, check=False)
     assert again.returncode == 2 and again.stderr.count("\n") == 1  # refuses to overwrite, one line
+    reexport = run(["export.py", f"checkpoint={tmp_path}/hf", f"out={tmp_path}/hf2"], tmp_path, check=False)
+    assert reexport.returncode == 2 and "is already a Hugging Face GPT-2 model" in reexport.stderr
+    from_export = run(["sample.py", f"checkpoint={tmp_path}/hf", "prompt=def", "num_samples=2", "max_new_tokens=30",
+                       "seed=3"], tmp_path).stdout
+    assert from_export == out  # the export (of the best checkpoint, as sample.py's default) samples as its run
     for into in (run_dir, run_dir / "checkpoints/last"):  # overwrite=true never replaces a run's own files
         before = {p: p.read_bytes() for p in into.rglob("*") if p.is_file()}
         refused = run(["export.py", f"checkpoint={run_dir}", f"out={into}", "overwrite=true"], tmp_path, check=False)

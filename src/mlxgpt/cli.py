@@ -105,6 +105,8 @@ def run_hydra(main: Callable[[], object]) -> None:
             print(f"mlxgpt: {len(_failed_jobs)} job(s) of the sweep failed: {', '.join(sorted(_failed_jobs))}",
                   file=sys.stderr)
             sys.exit(1)
+    except BrokenPipeError:  # `--help | head`
+        _end_quietly()
     except Exception as e:
         message = user_message(e)
         if message is None and type(e).__name__ == "UncompletedJobError":  # submitit's
@@ -149,8 +151,13 @@ def print_result(text: str) -> None:
     try:
         print(text, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
-        sys.exit(1)
+        _end_quietly()
+
+
+def _end_quietly() -> None:
+    """Exit 1 without a word once the reader of stdout has gone (`| head`), as Unix tools do."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+    sys.exit(1)
 
 
 def fail(message: str) -> None:

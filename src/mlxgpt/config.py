@@ -124,7 +124,7 @@ class Config:
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = "???"  # a run dir or checkpoint dir
+    checkpoint: str = "???"  # a run dir or checkpoint dir, or GPT-2 weights (gpt2..gpt2-xl, a Hugging Face directory)
     which: str = "best"  # best | last (falls back to last when a run has no best)
     prompt: str = "\n"
     num_samples: int = 3

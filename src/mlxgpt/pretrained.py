@@ -182,6 +182,22 @@ def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenize
     return out
 
 
+def is_pretrained(name_or_path: str | None) -> bool:
+    """A GPT-2 hub name (gpt2, gpt2-medium, ...) or a Hugging Face GPT-2 directory, e.g. from `hf download gpt2`."""
+    return bool(name_or_path) and (name_or_path in GPT2_SIZES or is_hf_dir(name_or_path))
+
+
+def is_hf_dir(path: str | None) -> bool:
+    """A Hugging Face GPT-2 directory (config.json + model.safetensors)."""
+    return bool(path) and (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def pretrained_tokenizer_meta(name_or_path: str) -> dict:
+    """The tokenizer of GPT-2 weights: an exported char model's characters, else GPT-2's own BPE."""
+    chars = exported_char_vocabulary(name_or_path) if is_hf_dir(name_or_path) else None
+    return {"name": "char", "chars": chars} if chars else {"name": "gpt2"}
+
+
 def exported_char_vocabulary(path: str | Path) -> str | None:
     """The characters of a char model exported by export_hf (None for any other directory)."""
     config = Path(path) / CONFIG_FILE

@@ -10,12 +10,20 @@ from mlxgpt import checkpoint, device
 from mlxgpt.config import validate_sample
 from mlxgpt.errors import UserError
 from mlxgpt.model import GPT, GPTConfig
+from mlxgpt.pretrained import is_pretrained, load_pretrained, pretrained_tokenizer_meta
 from mlxgpt.tokenizer import tokenizer_from_meta
 from mlxgpt.trainer import load_weights
 
 
 def load_model(path: str | Path, which: str = "best"):
-    """(model, tokenizer, state) from a run dir or checkpoint dir; `best` falls back to `last`."""
+    """(model, tokenizer, state) from a run dir or checkpoint dir (`best` falls back to `last`); GPT-2 weights (a hub
+    name or a Hugging Face directory) have no state (None)."""
+    if is_pretrained(str(path)):
+        config, weights = load_pretrained(str(path))
+        model = GPT(config)
+        load_weights(model, weights, path)
+        model.eval()
+        return model, tokenizer_from_meta(pretrained_tokenizer_meta(str(path))), None
     ckpt = checkpoint.resolve(path, "last") if which == "last" else checkpoint.resolve_best(path)
     state = checkpoint.read_state(ckpt)
     model = GPT(GPTConfig(**state["model_config"]))

@@ -28,7 +28,8 @@ from mlxgpt.interrupt import Interrupted
 from mlxgpt.log import FILE_ONLY, log
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
-from mlxgpt.pretrained import GPT2_SIZES, exported_char_vocabulary, load_pretrained
+from mlxgpt.pretrained import (GPT2_SIZES, exported_char_vocabulary, is_hf_dir, is_pretrained, load_pretrained,
+                               pretrained_tokenizer_meta)
 from mlxgpt.rundir import (changed_settings, check_same_job, check_start, holds_lock, is_main_process, lock_run_dir,
                            resume_command, settle_records, unlock_run_dir)
 from mlxgpt.sweep import write_summary
@@ -180,9 +181,8 @@ def _build_model(cfg: DictConfig, tokenizer) -> GPT:
         raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data_vocab}; use model.vocab_size=null")
     config = GPTConfig(block_size=m.block_size, vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head,
                        n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
-    if cfg.init_from in GPT2_SIZES or _is_hf_dir(cfg.init_from):
-        chars = exported_char_vocabulary(cfg.init_from) if _is_hf_dir(cfg.init_from) else None
-        saved = {"name": "char", "chars": chars} if chars else {"name": "gpt2"}  # GPT-2's own: BPE
+    if is_pretrained(cfg.init_from):
+        saved = pretrained_tokenizer_meta(cfg.init_from)
         checkpoint.check_tokenizer(cfg.init_from, {"tokenizer": saved}, tokenizer.to_meta())
         pre_config, weights = load_pretrained(cfg.init_from, config)
         model = GPT(pre_config)
@@ -205,7 +205,7 @@ def _use_init_char_vocabulary(cfg: DictConfig) -> None:
     (data.chars), so ids keep their meaning."""
     if not cfg.init_from or cfg.init_from in GPT2_SIZES or cfg.data.tokenizer != "char" or cfg.data.chars is not None:
         return
-    if _is_hf_dir(cfg.init_from):
+    if is_hf_dir(cfg.init_from):
         source, chars = cfg.init_from, exported_char_vocabulary(cfg.init_from)
     else:
         source = checkpoint.resolve_best(cfg.init_from)
@@ -214,11 +214,6 @@ def _use_init_char_vocabulary(cfg: DictConfig) -> None:
     if chars:
         cfg.data.chars = chars
         log.info(f"mlxgpt: tokenizing the data with the {len(chars)}-character vocabulary of {source}")
-
-
-def _is_hf_dir(path: str | None) -> bool:
-    """A Hugging Face GPT-2 directory (config.json + model.safetensors), e.g. from `hf download gpt2`."""
-    return bool(path) and (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
 
 
 def _pad(vocab: int, multiple: int = 64) -> int:
