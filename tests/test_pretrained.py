@@ -255,3 +255,38 @@ def test_a_checkpoint_saved_by_transformers_loads_with_the_same_logits(tmp_path)
     with torch.no_grad():
         expected = hf_model(torch.tensor(idx)).logits.numpy()
     np.testing.assert_allclose(np.array(model(mx.array(idx))), expected, atol=1e-5, rtol=0)
+
+
+WORDS = ["Hello", " world", " language", " tokenization", " 東京", " 🤖", "\n\n", " Ünïcödé", "1234567"]
+
+
+def test_a_bpe_export_has_gpt2s_tokenizer_files(tmp_path, tiktoken_cache):
+    """vocab.json + merges.txt: BPE by their merges (one pre-token at a time) gives tiktoken's ids."""
+    from mlxgpt.tokenizer import GPT2Tokenizer, _byte_characters
+
+    export_hf(make_model(), tmp_path, tokenizer_meta={"name": "gpt2"})
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(vocab) == 50257 and vocab["<|endoftext|>"] == 50256 and len(merges) == 50000
+    rank = {tuple(line.split(" ")): i for i, line in enumerate(merges)}
+    show = _byte_characters()
+    bpe = GPT2Tokenizer()
+    for word in WORDS:
+        parts = [show[b] for b in word.encode()]
+        while len(parts) > 1:
+            best = min(range(len(parts) - 1), key=lambda i: rank.get((parts[i], parts[i + 1]), len(rank)))
+            if (parts[best], parts[best + 1]) not in rank:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        assert [vocab[p] for p in parts] == bpe.encode(word), word
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == CONFIG.block_size
+
+
+def test_transformers_tokenizes_a_bpe_export_as_tiktoken(tmp_path, tiktoken_cache):
+    transformers = pytest.importorskip("transformers")
+    from mlxgpt.tokenizer import GPT2Tokenizer
+
+    export_hf(make_model(), tmp_path, tokenizer_meta={"name": "gpt2"})
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), GPT2Tokenizer()
+    text = "".join(WORDS) + " def f(x):\n    return x**2  # “quoted” – dash\t tab"
+    assert theirs.encode(text) == ours.encode(text) and theirs.eos_token_id == 50256

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from mlxgpt.errors import UserError
 from mlxgpt.hub import offline_unless_reachable
 from mlxgpt.model import GPT, GPTConfig
+from mlxgpt.tokenizer import GPT2Tokenizer
 
 GPT2_SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -132,7 +133,8 @@ def _sizes_text(sizes: dict) -> str:
 def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenizer_meta: dict | None = None,
               vocab_size: int | None = None) -> Path:
     """Write `config.json` + `model.safetensors` that transformers loads as GPT2LMHeadModel; returns out_dir. A char
-    model's vocabulary goes into config.json as `mlxgpt_tokenizer` (init_from=<that dir> tokenizes with it).
+    model's vocabulary goes into config.json as `mlxgpt_tokenizer` (init_from=<that dir> tokenizes with it), a BPE
+    model's tokenizer into GPT-2's vocab.json and merges.txt.
     vocab_size (the tokenizer's) leaves out a padded vocabulary's extra rows, which are no tokens (transformers would
     sample them)."""
     out = Path(out_dir)
@@ -177,6 +179,9 @@ def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenize
     }
     if tokenizer_meta and tokenizer_meta.get("name") == "char":
         hf_config["mlxgpt_tokenizer"] = tokenizer_meta
+    if tokenizer_meta and tokenizer_meta.get("name") == "gpt2":  # AutoTokenizer.from_pretrained(out) gets GPT-2's BPE
+        for name, text in GPT2Tokenizer().hf_files(cfg.block_size).items():
+            (out / name).write_text(text + "\n", encoding="utf-8")
     mx.save_safetensors(str(out / WEIGHTS_FILE), mlxgpt_to_hf(params), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     return out

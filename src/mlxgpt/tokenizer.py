@@ -1,6 +1,7 @@
 """Tokenizers behind one small interface: characters of a corpus, or GPT-2 BPE (tiktoken)."""
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,6 +10,7 @@ from mlxgpt.errors import UserError
 
 # tiktoken caches a downloaded file under the sha1 of its URL; this is r50k_base.tiktoken's name.
 GPT2_RANKS_CACHE_NAME = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"
+EOT_TEXT = "<|endoftext|>"
 
 
 class CharTokenizer:
@@ -79,6 +81,42 @@ class GPT2Tokenizer:
 
     def to_meta(self) -> dict:
         return {"name": self.name}
+
+    def hf_files(self, max_length: int) -> dict[str, str]:
+        """vocab.json, merges.txt and tokenizer_config.json: the same BPE as transformers' GPT2Tokenizer files."""
+        ranks = self._bpe._mergeable_ranks  # token bytes -> id (tiktoken keeps no public accessor)
+        show = _byte_characters()
+
+        def text(token: bytes) -> str:
+            return "".join(show[b] for b in token)
+
+        vocab = {text(token): rank for token, rank in ranks.items()} | {EOT_TEXT: self.eot_token}
+        merges = [" ".join(map(text, _merged_pair(ranks, token, rank)))
+                  for token, rank in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+        config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False,
+                  "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+        return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": "\n".join(["#version: 0.2", *merges]),
+                "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
+def _byte_characters() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte in its vocab.json and merges.txt (printable bytes stand for
+    themselves, the others for characters from U+0100 on)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _merged_pair(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:
+    """The two tokens whose merge makes `token`: BPE on its bytes with the merges ranked below it."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best >= rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
 
 
 Tokenizer = CharTokenizer | GPT2Tokenizer
