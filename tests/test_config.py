@@ -102,10 +102,17 @@ def test_gpt2_small_openwebtext_composes():
     ("data.chars=abca", "data.chars"),
     ("data.chars=", "data.chars"),
     ("optimizer.betas=${model.n_layer}", "optimizer.betas"),  # an interpolation the list type does not check
+    ("optimizer.weight_decay=inf", "optimizer.weight_decay"),  # was a NaN loss at iteration 1
+    ("optimizer.eps=inf", "optimizer.eps"),
+    ("schedule.warmup_iters=99999999999999999999999", "schedule.warmup_iters"),  # was a traceback inside MLX
+    ("trainer.max_iters=99999999999999999999999", "trainer.max_iters"),
+    ("optimizer=sgd optimizer.momentum=nan", "optimizer.momentum"),
+    ("optimizer=sgd optimizer.nesterov=true optimizer.momentum=0", "optimizer.nesterov"),  # was MLX's ValueError
+    ("data.max_documents=0", "data.max_documents"),
 ])
 def test_out_of_range_values_raise_one_line_user_error(override, needle):
     with pytest.raises(UserError) as err:
-        validate(make(override))
+        validate(make(*override.split()))
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 

@@ -265,6 +265,11 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     _check(0 < d.val_size < 1, "data.val_size", d.val_size, "must be in (0, 1)")
     _check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", d.num_proc, "must be >= 1 or null")
+    _check(d.max_documents is None or d.max_documents >= 1, "data.max_documents", d.max_documents,
+           "must be >= 1 or null")
+    _check(0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
+    _check(o.momentum > 0 or not o.nesterov, "optimizer.nesterov", o.nesterov, "needs optimizer.momentum > 0")
+    _check_numbers(cfg)
     if d.chars is not None:
         _check(d.tokenizer == "char", "data.chars", repr(d.chars), "applies to data.tokenizer=char only; set it to null")
         _check(len(d.chars) >= 1 and len(set(d.chars)) == len(d.chars), "data.chars", repr(d.chars),
@@ -275,3 +280,16 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("data.source=hf needs data.hf_path=<hub id or builder> or data.path=<saved dataset dir>")
     if d.source == "url" and not (d.url or d.path):
         raise UserError("data.source=url needs data.url=<address> or data.path=<local copy>")
+
+
+INT_LIMIT = 2**63  # MLX computes with int64: a larger integer (an iteration count) fails inside it
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    """Every number of the typed groups is finite (no nan, inf) and every integer below 2**63."""
+    values = dotted({group: OmegaConf.to_container(cfg[group], resolve=True) for group in TYPED_GROUPS})
+    for key, value in values.items():
+        if isinstance(value, float):
+            _check(math.isfinite(value), key, value, "must be a finite number")
+        elif isinstance(value, int):
+            _check(abs(value) < INT_LIMIT, key, value, "must be below 2**63")
