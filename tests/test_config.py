@@ -109,6 +109,12 @@ def test_gpt2_small_openwebtext_composes():
     ("optimizer=sgd optimizer.momentum=nan", "optimizer.momentum"),
     ("optimizer=sgd optimizer.nesterov=true optimizer.momentum=0", "optimizer.nesterov"),  # was MLX's ValueError
     ("data.max_documents=0", "data.max_documents"),
+    ("run_name=../other", "run_name"),  # was a run outside paths.log_dir/runs/
+    ("run_name=", "run_name"),  # was a run in paths.log_dir/runs/ itself
+    ("run_name=a/../..", "run_name"),
+    (f"run_name={'x' * 256}", "run_name"),  # was an OSError traceback (and the checks skipped)
+    ("paths.log_dir=", "MLXGPT_LOG_DIR"),  # MLXGPT_LOG_DIR= was a run in /runs/
+    ("paths.data_dir=", "MLXGPT_DATA_DIR"),
 ])
 def test_out_of_range_values_raise_one_line_user_error(override, needle):
     with pytest.raises(UserError) as err:
@@ -154,6 +160,7 @@ def test_text_data_without_path_says_how_to_fix():
      "'callbacks.early_stopping' cannot be set; add it: callbacks=[default,early_stopping]"),
     ("callbacks.early_stoping.patience=2", "unknown config key 'callbacks.early_stoping'"),
     ("~callbacks.progres", "cannot delete 'callbacks.progres': no such key; check the spelling"),
+    ("run_name=../escape", "invalid run_name=../escape: must be a relative path without empty, '.' or '..' parts"),
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *override.split(), f"paths.log_dir={tmp_path}"],

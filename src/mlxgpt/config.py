@@ -269,6 +269,9 @@ def validate(cfg: DictConfig) -> None:
            "must be >= 1 or null")
     _check(0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
     _check(o.momentum > 0 or not o.nesterov, "optimizer.nesterov", o.nesterov, "needs optimizer.momentum > 0")
+    _check_run_name(cfg.run_name)
+    for key, variable in (("paths.log_dir", "MLXGPT_LOG_DIR"), ("paths.data_dir", "MLXGPT_DATA_DIR")):
+        _check(OmegaConf.select(cfg, key) != "", key, "", f"must name a directory (unset {variable} if it is empty)")
     _check_numbers(cfg)
     if d.chars is not None:
         _check(d.tokenizer == "char", "data.chars", repr(d.chars), "applies to data.tokenizer=char only; set it to null")
@@ -280,6 +283,13 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("data.source=hf needs data.hf_path=<hub id or builder> or data.path=<saved dataset dir>")
     if d.source == "url" and not (d.url or d.path):
         raise UserError("data.source=url needs data.url=<address> or data.path=<local copy>")
+
+
+def _check_run_name(name: str) -> None:
+    """run_name is a directory below paths.log_dir/runs/: '..' would leave it, '' or '.' would be runs/ itself."""
+    parts = name.split("/")
+    _check(all(part not in ("", ".", "..") and len(part.encode()) <= 255 for part in parts), "run_name", name,
+           "must be a relative path without empty, '.' or '..' parts, each at most 255 bytes")
 
 
 INT_LIMIT = 2**63  # MLX computes with int64: a larger integer (an iteration count) fails inside it
