@@ -115,6 +115,7 @@ def test_gpt2_small_openwebtext_composes():
     (f"run_name={'x' * 256}", "run_name"),  # was an OSError traceback (and the checks skipped)
     ("paths.log_dir=", "MLXGPT_LOG_DIR"),  # MLXGPT_LOG_DIR= was a run in /runs/
     ("paths.data_dir=", "MLXGPT_DATA_DIR"),
+    ("+init_fromm=x", "unknown config key 'init_fromm' (added with +)"),  # a top-level typo was ignored
 ])
 def test_out_of_range_values_raise_one_line_user_error(override, needle):
     with pytest.raises(UserError) as err:
@@ -181,6 +182,8 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     ("export.py", "checkpoint=run out=hf format=onnx", "invalid format=onnx: the supported format is hf"),
     ("export.py", "checkpoint=run out=hf which=worst", "invalid which=worst: must be best or last"),
     ("export.py", "out=hf", "checkpoint= is required"),
+    ("sample.py", "checkpoint=run +temprature=0.5", "unknown config key 'temprature' (added with +)"),  # was ignored
+    ("export.py", "checkpoint=run out=hf +overwrit=true", "unknown config key 'overwrit' (added with +)"),
 ])
 def test_sample_and_export_reject_bad_options_in_one_line(tmp_path, script, args, expected):
     proc = subprocess.run([sys.executable, str(ROOT / script), *args.split()], capture_output=True, text=True,

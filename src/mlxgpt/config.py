@@ -205,6 +205,7 @@ def _check(ok: bool, key: str, value: Any, need: str, script: str = "train.py") 
 
 def validate_sample(cfg: DictConfig, script: str = "sample.py") -> None:
     """Range checks of sample.py's (and export.py's `which`) options; UserError naming the key and the fix."""
+    refuse_added_keys(cfg, SampleConfig if script == "sample.py" else ExportConfig)
     _check(cfg.which in ("best", "last"), "which", cfg.which, "must be best or last", script)
     if script != "sample.py":
         return
@@ -219,19 +220,24 @@ def validate_sample(cfg: DictConfig, script: str = "sample.py") -> None:
 TYPED_GROUPS = ("model", "data", "optimizer", "schedule", "trainer", "logger", "paths")
 
 
-def _added_keys(cfg: DictConfig) -> list[str]:
-    """Keys of the typed groups that their schemas lack (`+trainer.max_iter=5` adds one past the schema's check)."""
-    schema = OmegaConf.structured(Config)
-    return [f"{group}.{key}" for group in TYPED_GROUPS if OmegaConf.is_dict(cfg.get(group))
-            for key in cfg[group] if key not in schema[group]]
+def _added_keys(cfg: DictConfig, schema: DictConfig) -> list[str]:
+    """Keys that the schema lacks, at the top or in a typed group (`+trainer.max_iter=5` adds one past its check)."""
+    top = [key for key in cfg if key not in schema.keys() and key != "hydra"]  # a Hydra callback's has hydra too
+    return top + [f"{group}.{key}" for group in TYPED_GROUPS if OmegaConf.is_dict(cfg.get(group))
+                  for key in cfg[group] if key not in schema[group].keys()]
+
+
+def refuse_added_keys(cfg: DictConfig, schema: type) -> None:
+    """UserError naming the first key that a `+key=` override added to the config and that `schema` lacks (a typo)."""
+    added = _added_keys(cfg, OmegaConf.structured(schema))
+    if added:
+        raise UserError(f"unknown config key '{added[0]}' (added with +); check the spelling, `--cfg job` lists "
+                        f"every key")
 
 
 def validate(cfg: DictConfig) -> None:
     """Range and consistency checks the types cannot express; raises UserError naming the key and the fix."""
-    added = _added_keys(cfg)
-    if added:
-        raise UserError(f"unknown config key '{added[0]}' (added with +); check the spelling, `--cfg job` lists "
-                        f"every key")
+    refuse_added_keys(cfg, Config)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         _check(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
