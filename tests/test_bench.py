@@ -77,6 +77,12 @@ def test_bench_flags_are_checked_before_the_run(tmp_path, flags, message):
     assert str(e.value).startswith(message) and "; " in str(e.value)
 
 
+def test_a_refused_override_creates_no_out_directory(tmp_path):
+    with pytest.raises(UserError, match="optimizer.lr"):
+        main(["--out", str(tmp_path / "out"), *TINY, "optimizer.lr=nan"], conf_dir=CONF)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_with_every_contender_skipped_is_an_error_not_an_empty_table(tmp_path, monkeypatch):
     monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("NANOGPT_DIR", raising=False)

@@ -186,6 +186,15 @@ def test_copies_of_records_in_hidden_folders_are_not_runs(tmp_path):
     assert find_run_dirs([tmp_path / "sweep"]) == [tmp_path / "sweep" / "0"]
 
 
+def test_an_out_dir_that_cannot_be_created_is_a_one_line_user_error(tmp_path):
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("run_name: run\n")
+    (tmp_path / "file").write_text("")
+    proc = python("compare.py", "run", "--out", "file/compare", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr == ("error: cannot create --out file/compare (Not a directory); pick "
+                                                    "a writable directory\n"), proc.stderr
+
+
 @pytest.mark.slow
 def test_a_reader_that_stops_early_ends_compare_quietly(grid, tmp_path):
     """`compare.py <sweep> | head`: no BrokenPipeError traceback when the reader closes the pipe."""

@@ -457,6 +457,8 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
     def run(name: str, *extra: str) -> list[str]:
         return train_command(work, name, *extra)
 
+    sweep = run("b22", f"paths.log_dir={work}/empty.txt")  # -m goes before the overrides
+
     return {
         "missing data file": (run("b1", "data=text", "data.path=missing.txt"), "matches no file", None),
         "empty data file": (run("b2", "data=text", f"data.path={work}/empty.txt"), "empty", None),
@@ -526,6 +528,12 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "sample: negative seed": ([*sample, f"checkpoint={base}", "seed=-1"], "invalid seed=-1: must be >= 0", None),
         "sample: seed past 64 bits": ([*sample, f"checkpoint={base}", "seed=18446744073709551616"],
                                       "invalid seed=18446744073709551616", None),
+        "log dir: a file": (run("b21", f"paths.log_dir={work}/empty.txt"),  # MLXGPT_LOG_DIR=<file> as well
+                            "cannot create the run directory", None),
+        "log dir: a file, in a sweep": ([*sweep[:2], "-m", *sweep[2:]], "cannot create the sweep directory", None),
+        "export: out= below a file": (
+            [sys.executable, str(ROOT / "export.py"), f"checkpoint={base}", f"out={work}/empty.txt/hf"],
+            "cannot create the out= directory", None),
     }
 
 
@@ -560,7 +568,8 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "sample: missing checkpoint", "sample: truncated checkpoint", "sample: not a checkpoint",
               "sample: damaged state.json",
               "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits",
-              "sample: missing prompt file"]
+              "sample: missing prompt file", "log dir: a file", "log dir: a file, in a sweep",
+              "export: out= below a file"]
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ from mlx.utils import tree_map
 
 from mlxgpt import blas, device
 from mlxgpt.callbacks.base import Callback
-from mlxgpt.errors import UserError
+from mlxgpt.errors import UserError, make_dir
 from mlxgpt.model import GPT
 from mlxgpt.trainer import StreamSplit, mixed_precision_loss
 
@@ -400,13 +400,10 @@ def main(argv: list[str] | None = None, conf_dir: Path | None = None) -> int:
                         "preset's table)")
     args = parser.parse_args(argv)
     contenders = check_args(args)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)  # now, not after a long run
-    except OSError as e:
-        raise UserError(f"cannot create --out {out} ({e.strerror}); pick a writable directory") from None
     conf_dir = conf_dir or Path.cwd() / "conf"
     cfg = compose(conf_dir, PRESETS[args.preset] + QUIET_RUN + list(args.overrides))
+    out = Path(args.out)
+    make_dir(out, "--out", "pick a writable directory")  # now, not after a long run
     results, skipped, trainer = run(cfg, contenders, args.steps, args.warmup, min(args.round_steps, args.steps),
                                     find_nanogpt(args.nanogpt), args.torch_compile, args.torch_threads)
     if not trainer.is_main:

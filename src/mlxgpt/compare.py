@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mlxgpt.cli import fail, print_result
-from mlxgpt.errors import UserError
+from mlxgpt.errors import UserError, make_dir
 
 # where a run is kept, not what it does
 IGNORED_KEYS = ("hydra.", "paths.", "run_name", "logger.mode", "trainer.resume")
@@ -401,6 +401,7 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None) -> list[
     one takes values from a range); returns the paths."""
     runs = load_runs(paths)
     out = Path(out_dir) if out_dir else Path(os.path.commonpath([r.path for r in runs])) / "compare"
+    make_dir(out, "--out", "pick a writable directory")
     written = [*write_table(runs, out, "table"), plot_val_curves(runs, out / "val_loss.png")]
     keys = varying_keys(runs)
     if len(runs) > 1 and len(keys) == 2:

@@ -3,6 +3,7 @@ such problems."""
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})  # a write
 
@@ -18,3 +19,12 @@ def disk_error(exc: BaseException) -> UserError | None:
         return UserError(f"cannot write {target} ({exc.strerror}); free disk space or fix permissions, then continue "
                          f"with trainer.resume=auto")
     return None
+
+
+def make_dir(path: Path, what: str, fix: str) -> None:
+    """mkdir -p `path`; a one-line UserError naming `what` it is and the `fix` when it cannot be (a file in the way,
+    no such place, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {what} {path} ({e.strerror}); {fix}") from None

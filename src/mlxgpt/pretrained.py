@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlxgpt.errors import UserError
+from mlxgpt.errors import UserError, make_dir
 from mlxgpt.hub import offline_unless_reachable
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.tokenizer import GPT2Tokenizer
@@ -139,13 +139,13 @@ def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenize
     sample them)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; export_hf needs a directory")
+        raise UserError(f"{out} is a file; out= needs a directory")
     if any((out / name).exists() for name in RUN_FILES):
         raise UserError(f"{out} is an mlxgpt run or checkpoint directory: the export would replace its files; choose "
                         f"another out= directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; choose another directory or pass overwrite=True")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "the out= directory", "choose another one")
     params = dict(tree_flatten(model.parameters()))
     vocab_size = vocab_size or model.config.vocab_size
     params["wte.weight"] = params["wte.weight"][:vocab_size]

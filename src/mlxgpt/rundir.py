@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from mlxgpt import checkpoint
 from mlxgpt.cli import fail, user_message
 from mlxgpt.config import dotted, masked_container, validate
-from mlxgpt.errors import UserError, disk_error
+from mlxgpt.errors import UserError, disk_error, make_dir
 
 LOCK_FILE = ".lock"
 PREVIOUS = ".previous_attempt"  # a used run dir's records as they were before this attempt rewrote them
@@ -113,7 +113,7 @@ def lock_run_dir(run_dir: Path) -> None:
     key = run_dir.resolve()
     if key in _held:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir, "the run directory", "set paths.log_dir (or MLXGPT_LOG_DIR) to a writable directory")
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -292,7 +292,8 @@ class PreflightCheck(HydraCallback):
                                 f"hydra.sweep.dir")
             for run_dir in used:
                 keep_records(run_dir)
-            sweep_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(sweep_dir, "the sweep directory", "set paths.log_dir (or MLXGPT_LOG_DIR) or hydra.sweep.dir to "
+                                                       "a writable directory")
             OmegaConf.save(config, sweep_dir / "multirun.yaml")  # as Hydra's basic sweeper does; Optuna's does not
 
 
