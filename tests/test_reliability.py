@@ -436,6 +436,7 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
     """name -> (command, the error's words, a run dir that must stay unchanged)."""
     (work / "empty.txt").write_text("")
     (work / "accents.txt").write_text("Größe, façade, naïve café. " * 200)
+    (work / "latin1.txt").write_bytes("Größe".encode("latin-1"))
     truncated = copy_run(work, base, "truncated")
     model_file = truncated / "checkpoints" / "last" / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:1000])
@@ -528,6 +529,9 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "sample: negative seed": ([*sample, f"checkpoint={base}", "seed=-1"], "invalid seed=-1: must be >= 0", None),
         "sample: seed past 64 bits": ([*sample, f"checkpoint={base}", "seed=18446744073709551616"],
                                       "invalid seed=18446744073709551616", None),
+        "sample: prompt file not UTF-8": ([*sample, f"checkpoint={base}", f"prompt=FILE:{work}/latin1.txt"],
+                                          "latin1.txt is not UTF-8 text (invalid start byte at byte 2); "
+                                          "convert it to UTF-8 or give another prompt=FILE:<path>", None),
         "log dir: a file": (run("b21", f"paths.log_dir={work}/empty.txt"),  # MLXGPT_LOG_DIR=<file> as well
                             "cannot create the run directory", None),
         "log dir: a file, in a sweep": ([*sweep[:2], "-m", *sweep[2:]], "cannot create the sweep directory", None),
@@ -569,7 +573,7 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "sample: damaged state.json",
               "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits",
               "sample: missing prompt file", "log dir: a file", "log dir: a file, in a sweep",
-              "export: out= below a file"]
+              "export: out= below a file", "sample: prompt file not UTF-8"]
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import mlx.core as mx
 
 from mlxgpt import checkpoint, device
 from mlxgpt.config import validate_sample
+from mlxgpt.data.sources import read_utf8
 from mlxgpt.errors import UserError
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.pretrained import is_pretrained, load_pretrained, pretrained_tokenizer_meta
@@ -42,7 +43,7 @@ def sample(cfg) -> Iterator[str]:
         prompt_path = Path(prompt[5:]).expanduser()
         if not prompt_path.is_file():
             raise UserError(f"prompt file {prompt_path} does not exist; give an existing file as prompt=FILE:<path>")
-        prompt = prompt_path.read_text(encoding="utf-8")
+        prompt = read_utf8(prompt_path, "give another prompt=FILE:<path>")
     ids = tokenizer.encode(prompt) or [tokenizer.eot_token or 0]
     context = model.config.block_size
     if len(ids) > context:

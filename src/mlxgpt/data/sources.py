@@ -22,9 +22,9 @@ def read_text(cfg) -> tuple[str, str]:
         return text, hashlib.sha256(text.encode()).hexdigest()
     if cfg.source == "url":
         path, sha256 = url_file(cfg)
-        return _read_utf8(path), sha256
+        return read_utf8(path), sha256
     if cfg.source == "text":
-        text = "".join(_with_newline(_read_utf8(p)) for p in text_files(cfg.path))
+        text = "".join(_with_newline(read_utf8(p)) for p in text_files(cfg.path))
         if not text.strip():
             raise UserError(f"data.path={cfg.path} holds only empty files; point it at a non-empty text file")
         return text, hashlib.sha256(text.encode()).hexdigest()
@@ -177,12 +177,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_utf8(path: Path) -> str:
-    """The file's text: UTF-8 without a byte-order mark (Windows editors write one), newlines as \\n."""
+def read_utf8(path: Path, fix: str = "leave it out of data.path") -> str:
+    """The file's text: UTF-8 without a byte-order mark (Windows editors write one), newlines as \\n; a UserError with
+    the `fix` when it is not UTF-8."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 or leave it out of data.path") from None
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 or {fix}") from None
 
 
 def _with_newline(text: str) -> str:
