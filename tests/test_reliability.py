@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from mlx.utils import tree_flatten
 from omegaconf import OmegaConf
 
-from mlxgpt import checkpoint
+from mlxgpt import checkpoint, rundir
 from mlxgpt.callbacks import CheckpointCallback
 from mlxgpt.config import register_configs
 from mlxgpt.data import load_data
@@ -583,6 +583,14 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(bad_input_results, 
     assert set(BAD_INPUTS) == set(cases)
     assert_one_line_error(results[name], cases[name][1])
     assert unchanged.get(name, True)
+
+
+def test_a_bug_in_the_preflight_check_ends_the_process_instead_of_running_the_job_unchecked(monkeypatch, capsys):
+    """Hydra turns a callback's exception into a warning and goes on: the run would start unlocked and unchecked."""
+    monkeypatch.setattr(rundir, "validate", lambda cfg: 1 / 0)
+    with pytest.raises(SystemExit) as exit_:
+        rundir.PreflightCheck().on_run_start(config=OmegaConf.create())
+    assert exit_.value.code == 1 and "ZeroDivisionError" in capsys.readouterr().err
 
 
 @pytest.mark.slow

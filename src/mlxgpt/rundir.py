@@ -11,6 +11,7 @@ import shlex
 import shutil
 import socket
 import sys
+import traceback
 from pathlib import Path
 
 from hydra.experimental.callback import Callback as HydraCallback
@@ -311,11 +312,13 @@ def check_start(t: DictConfig, run_dir: Path, init_from: str | None) -> Path | N
 
 @contextlib.contextmanager
 def _exit_on_user_error():
-    """In a Hydra callback (whose exceptions Hydra turns into warnings): a user error ends the process, one line."""
+    """In a Hydra callback (whose exceptions Hydra turns into a warning, then runs the job unchecked): a user error
+    ends the process with one line, any other with its traceback and exit code 1."""
     try:
         yield
     except Exception as e:
         message = user_message(disk_error(e) or e)  # also e.g. an interpolation that does not resolve
         if message is None:
-            raise
+            traceback.print_exc()
+            sys.exit(1)
         fail(message)
