@@ -184,6 +184,7 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     ("export.py", "out=hf", "checkpoint= is required"),
     ("sample.py", "checkpoint=run +temprature=0.5", "unknown config key 'temprature' (added with +)"),  # was ignored
     ("export.py", "checkpoint=run out=hf +overwrit=true", "unknown config key 'overwrit' (added with +)"),
+    ("sample.py", "checkpoint=run model=nano", "sample.py has no config group 'model'; `--help` lists its options"),
 ])
 def test_sample_and_export_reject_bad_options_in_one_line(tmp_path, script, args, expected):
     proc = subprocess.run([sys.executable, str(ROOT / script), *args.split()], capture_output=True, text=True,

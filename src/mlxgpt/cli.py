@@ -34,6 +34,9 @@ def one_line(exc: BaseException) -> str:
     deleted = re.fullmatch(r"Could not delete from config\. '(.+)' does not exist\.", str(exc))
     if deleted:  # `~key` of a key the config lacks
         return f"cannot delete '{deleted[1]}': no such key; check the spelling, `--cfg job` lists every key"
+    ungrouped = re.match(r"Could not override '(.+)'\. No match in the defaults list", str(exc))
+    if ungrouped:  # e.g. sample.py model=nano: Hydra's advice (+model=nano) fails too
+        return f"{Path(sys.argv[0]).name} has no config group '{ungrouped[1]}'; `--help` lists its options"
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         options = exc.options or [p.stem for p in (_app_conf() / group).glob("*.yaml")]
