@@ -197,6 +197,17 @@ def test_hub_name_without_network_or_cache_explains_the_offline_route(offline_hu
         load_pretrained("gpt2")
 
 
+def test_sample_py_offline_advice_names_its_own_option(offline_hub_cache):
+    from mlxgpt.config import SampleConfig
+    from mlxgpt.sampling import sample
+
+    options = OmegaConf.structured(SampleConfig(checkpoint="gpt2", num_samples=1, max_new_tokens=2, device="cpu"))
+    with pytest.raises(UserError, match="set checkpoint=DIR$"):  # sample.py has no init_from
+        list(sample(options))
+    with pytest.raises(UserError, match="set init_from=DIR$"):
+        load_pretrained("gpt2")
+
+
 def test_hub_name_loads_from_the_cache_offline(offline_hub_cache, tmp_path):
     model = make_model()
     cache_as_gpt2(offline_hub_cache, model)

@@ -52,11 +52,12 @@ def mlxgpt_to_hf(params: dict[str, mx.array]) -> dict[str, mx.array]:
     }
 
 
-def _resolve(name_or_path: str) -> tuple[Path, Path]:
-    """Paths of config.json and model.safetensors for a GPT-2 name (HF hub or its cache) or a directory."""
+def _resolve(name_or_path: str, key: str = "init_from") -> tuple[Path, Path]:
+    """Paths of config.json and model.safetensors for a GPT-2 name (HF hub or its cache) or a directory; `key` is the
+    option that named it (init_from, or sample.py's checkpoint), which the offline advice sets."""
     how_offline = (
         "to use GPT-2 weights offline run `hf download gpt2 config.json model.safetensors --local-dir DIR` "
-        "(or gpt2-medium/-large/-xl) where there is network, copy DIR here and set init_from=DIR"
+        f"(or gpt2-medium/-large/-xl) where there is network, copy DIR here and set {key}=DIR"
     )
     if name_or_path in GPT2_SIZES:
         offline_unless_reachable()
@@ -78,13 +79,14 @@ def _resolve(name_or_path: str) -> tuple[Path, Path]:
     return paths
 
 
-def load_pretrained(name_or_path: str, model_config: GPTConfig | None = None) -> tuple[GPTConfig, dict[str, mx.array]]:
-    """GPT-2 config and weights (our names) from a hub name or a local HF directory.
+def load_pretrained(name_or_path: str, model_config: GPTConfig | None = None,
+                    key: str = "init_from") -> tuple[GPTConfig, dict[str, mx.array]]:
+    """GPT-2 config and weights (our names) from a hub name or a local HF directory (named by the option `key`).
 
     model_config, when given, must have the checkpoint's n_layer/n_head/n_embd; its dropout is kept and
     a smaller block_size crops the position embeddings. vocab_size and bias come from the checkpoint.
     """
-    config_path, weights_path = _resolve(name_or_path)
+    config_path, weights_path = _resolve(name_or_path, key)
     hf = json.loads(config_path.read_text())
     _check_gpt2(hf, config_path)
     sizes = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])

@@ -20,7 +20,7 @@ def load_model(path: str | Path, which: str = "best"):
     """(model, tokenizer, state) from a run dir or checkpoint dir (`best` falls back to `last`); GPT-2 weights (a hub
     name or a Hugging Face directory) have no state (None)."""
     if is_pretrained(str(path)):
-        config, weights = load_pretrained(str(path))
+        config, weights = load_pretrained(str(path), key="checkpoint")
         model = GPT(config)
         load_weights(model, weights, path)
         model.eval()
