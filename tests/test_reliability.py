@@ -186,6 +186,21 @@ def test_continuing_with_other_settings_warns_naming_them(work, base):
 
 
 @pytest.mark.slow
+def test_a_stop_during_the_evaluation_before_training_ends_the_run_at_once(work):
+    proc = start(work, "eval_stop", "trainer.eval_iters=1000000")  # an evaluation of hours
+    try:
+        wait_until(lambda: (run_dir(work, "eval_stop") / "metrics.jsonl").exists(), proc)  # the evaluation is next
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130  # not after the evaluation and a step
+    finally:
+        proc.kill()
+    assert last_line((work / "eval_stop.err").read_text()).startswith(
+        "mlxgpt: stopped by SIGINT at iteration 0; no checkpoint saved; continue with: python ")
+    assert not (run_dir(work, "eval_stop") / "checkpoints").exists()
+
+
+@pytest.mark.slow
 def test_the_printed_command_continues_a_run_in_its_own_hydra_run_dir(work):
     custom = work / "custom_dir"
     proc = start(work, "custom", f"trainer.max_iters={ITERS}", f"hydra.run.dir={custom}")

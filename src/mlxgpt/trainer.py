@@ -57,6 +57,7 @@ class Trainer:
         self.extra_state: dict[str, Any] = {}  # callbacks' resumable state (e.g. the W&B run id)
         self.summary: dict[str, Any] = {}  # the latest value of every logged metric
         self.should_stop = False
+        self._signals: StopSignals | None = None  # while fit() runs: the stop requests (SIGINT, SIGTERM)
         self.resume_from, self.resumed = resume_from, resume_from is not None
         self.optimizer.init(self.model.trainable_parameters())
         if resume_from is not None:
@@ -253,11 +254,21 @@ class Trainer:
             for k in range(self.rank, self.cfg.trainer.eval_iters, self.world):
                 total = total + self._eval_loss(*self.batch(split, (self.seed, split_id, k, 1)))
                 mx.eval(total)
+                if self.world == 1:  # the ranks' batch counts differ: they agree once per split (below)
+                    self._stop_before_training()
             if self.world > 1:
                 total = mx.distributed.all_sum(total, group=self.group)
+                self._stop_before_training()
             out[f"{split}/loss"] = total.item() / self.cfg.trainer.eval_iters
         self.model.train()
         return out
+
+    def _stop_before_training(self) -> None:
+        """A stop asked during the evaluation before the first step ends the run at once: nothing is trained yet, so
+        nothing is lost (later evaluations finish, then the stopped step is saved)."""
+        signum = self.iter == 0 and self._signals is not None and self._signals.requested(self.group)
+        if signum:
+            raise Interrupted(signum, 0)
 
     # ------------------------------------------------------------------- loop
     def emit(self, event: str, payload: Any = None) -> None:
@@ -279,6 +290,7 @@ class Trainer:
         t = self.cfg.trainer
         self.model.train()
         with StopSignals() as signals:  # SIGINT/SIGTERM: finish the step, then stop via Interrupted (callbacks save)
+            self._signals = signals
             try:
                 self.emit("on_train_start")
                 clock, last_done = TrainingClock(), time.perf_counter()
@@ -316,6 +328,8 @@ class Trainer:
                 if isinstance(exc, Interrupted) and self.world > 1:  # every rank waits for rank 0's save
                     mx.eval(mx.distributed.all_sum(mx.array(0), group=self.group))
                 raise
+            finally:
+                self._signals = None
         return self.summary
 
 
