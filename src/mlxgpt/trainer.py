@@ -58,13 +58,18 @@ class Trainer:
         self.summary: dict[str, Any] = {}  # the latest value of every logged metric
         self.should_stop = False
         self._signals: StopSignals | None = None  # while fit() runs: the stop requests (SIGINT, SIGTERM)
-        self.resume_from, self.resumed = resume_from, resume_from is not None
+        self.resume_from = resume_from
         self.optimizer.init(self.model.trainable_parameters())
         if resume_from is not None:
             self._restore(resume_from)
         self._build_steps(compiled=t.compile)
 
     # ----------------------------------------------------------------- state
+    @property
+    def resumed(self) -> bool:
+        """Whether this run continues from a checkpoint (of its own, or another run's)."""
+        return self.resume_from is not None
+
     def state_dict(self) -> dict:
         """What a checkpoint's state.json holds besides the arrays."""
         return {"iter": self.iter, "tokens_seen": self.tokens_seen,
