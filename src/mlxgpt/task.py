@@ -30,7 +30,7 @@ from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
 from mlxgpt.pretrained import (GPT2_SIZES, exported_char_vocabulary, is_hf_dir, is_pretrained, load_pretrained,
                                pretrained_tokenizer_meta)
-from mlxgpt.rundir import (changed_settings, check_same_job, check_start, holds_lock, is_main_process, lock_run_dir,
+from mlxgpt.rundir import (check_same_job, check_start, holds_lock, is_main_process, lock_run_dir,
                            resume_command, settle_records, unlock_run_dir)
 from mlxgpt.sweep import write_summary
 from mlxgpt.trainer import Trainer, load_weights
@@ -146,11 +146,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = Non
                     f"float32")
         t.dtype = "float32"  # the run records what it computes in
     _use_init_char_vocabulary(cfg)
-    if resume_from is not None and not t.eval_only and is_main_process():  # the config as the run will record it
-        changed = changed_settings(checkpoint.read_state(resume_from)["config"], cfg)
-        if changed:
-            log.warning(f"mlxgpt: warning: continuing {resume_from} with settings it was not trained with: "
-                        f"{', '.join(changed)}; the run's config now records these")
     log.info(OmegaConf.to_yaml(masked_container(cfg)).rstrip())
     callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()] + list(extra_callbacks)  # before data
 

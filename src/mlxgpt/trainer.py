@@ -21,6 +21,7 @@ from mlxgpt.device import on_cpu
 from mlxgpt.errors import UserError
 from mlxgpt.interrupt import Interrupted, StopSignals
 from mlxgpt.log import log
+from mlxgpt.rundir import changed_settings
 
 EVAL_SPLITS = ("train", "val")
 
@@ -91,7 +92,15 @@ class Trainer:
         self.extra_state = state.get("extra", {})
         mx.eval(self.model.parameters(), self.optimizer.state)
         if self.is_main:
+            self._warn_changed_settings(ckpt, state)
             self._warn_other_world(ckpt, state)
+
+    def _warn_changed_settings(self, ckpt: Path, state: dict) -> None:
+        """Warn when the run continues with settings its checkpoint was not trained with (lr, seed, batch...)."""
+        changed = [] if self.cfg.trainer.eval_only else changed_settings(state["config"], self.cfg)
+        if changed:
+            log.warning(f"mlxgpt: warning: continuing {ckpt} with settings it was not trained with: "
+                        f"{', '.join(changed)}; the run's config now records these")
 
     def _load_optimizer_state(self, ckpt: Path, saved: dict) -> None:
         """The checkpoint's optimizer state; UserError unless it has this optimizer's arrays (names and shapes)."""
