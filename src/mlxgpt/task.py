@@ -61,15 +61,13 @@ def train(cfg: DictConfig) -> float:
     except (Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C outside the loop (data, model): stopped all the same
         e = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT, None)
         _write_failure(run_dir, {"status": "interrupted", "iter": e.iteration})
-        group = mx.distributed.init()
         if is_main_process():
             saved, start = checkpoint.latest(run_dir / "checkpoints"), cfg.trainer.resume
-            launch = f", under mlx.launch on {group.size()} processes as before" if group.size() > 1 else ""
+            world = mx.distributed.init().size()
+            launch = f", under mlx.launch on {world} processes as before" if world > 1 else ""
             resume = "auto" if saved or start in (None, "auto") else start  # else: another run's checkpoint
             log.warning(f"mlxgpt: {e}; {f'latest checkpoint {saved}' if saved else 'no checkpoint saved'}; continue "
                         f"with{launch}: {resume_command(cfg.run_name, multirun, resume)}")
-        if e.iteration is not None and group.size() > 1:  # all ranks stopped together: they wait for rank 0's
-            mx.eval(mx.distributed.all_sum(mx.array(0), group=group))  # records (mlx.launch ends all once one exits)
         sys.exit(e.exit_code)
     except BaseException as exc:
         e = disk_error(exc) or exc
