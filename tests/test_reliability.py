@@ -201,6 +201,29 @@ def test_a_stop_during_the_evaluation_before_training_ends_the_run_at_once(work)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("at", [20, ITERS])
+def test_a_stop_during_a_later_evaluation_saves_it_as_pending_and_the_continued_run_does_it_first(work, reference, at):
+    name = f"eval_stop_{at}"
+    stopped = subprocess.run([sys.executable, str(ROOT / "tests/ctrl_c_in_evaluation.py"), str(at),
+                              *train_command(work, name, f"trainer.max_iters={ITERS}")[1:]],
+                             capture_output=True, text=True, cwd=work, env=env(work), timeout=300)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    ckpts = run_dir(work, name) / "checkpoints"
+    m = re.fullmatch(r"mlxgpt: stopped by SIGINT at iteration (\d+); latest checkpoint (\S+); continue with: (.+)",
+                     last_line(stopped.stderr))
+    assert m and int(m[1]) == at and Path(m[2]) == (ckpts / f"iter_{at:07d}").resolve(), stopped.stderr[-2000:]
+    assert checkpoint.read_state(Path(m[2]))["eval_pending"] is True
+    assert losses(ckpts.parent) == [r for r in reference if r[1] < at or r[1] == at and r[0] != "eval"]
+
+    command = shlex.split(m[3])
+    continued = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=work,
+                               env=env(work), timeout=300)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert losses(ckpts.parent) == reference
+    assert checkpoint.read_state(checkpoint.latest(ckpts))["eval_pending"] is False
+
+
+@pytest.mark.slow
 def test_the_printed_command_continues_a_run_in_its_own_hydra_run_dir(work):
     custom = work / "custom_dir"
     proc = start(work, "custom", f"trainer.max_iters={ITERS}", f"hydra.run.dir={custom}")

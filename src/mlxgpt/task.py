@@ -123,7 +123,7 @@ def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
 
 def _finished(cfg: DictConfig, state: dict) -> str | None:
     """Why the run a checkpoint continues has nothing left to train under cfg (None when it has)."""
-    if state["iter"] >= cfg.trainer.max_iters:
+    if state["iter"] >= cfg.trainer.max_iters and not state.get("eval_pending"):
         return (f"already trained {state['iter']} iterations (trainer.max_iters={cfg.trainer.max_iters}): nothing "
                 f"to do; raise trainer.max_iters to continue it")
     stopping = cfg.callbacks.get("early_stopping")

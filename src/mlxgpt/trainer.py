@@ -58,6 +58,7 @@ class Trainer:
         self.extra_state: dict[str, Any] = {}  # callbacks' resumable state (e.g. the W&B run id)
         self.summary: dict[str, Any] = {}  # the latest value of every logged metric
         self.should_stop = False
+        self.eval_pending = False  # a signal stopped the evaluation of this iteration: a continued run does it first
         self._signals: StopSignals | None = None  # while fit() runs: the stop requests (SIGINT, SIGTERM)
         self.resume_from = resume_from
         self.optimizer.init(self.model.trainable_parameters())
@@ -76,6 +77,7 @@ class Trainer:
         return {"iter": self.iter, "tokens_seen": self.tokens_seen,
                 "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
                 "seed": self.seed, "world": self.world, "log_window": [self.log_loss_sum, self.log_steps],
+                "eval_pending": self.eval_pending,
                 "model_config": asdict(self.model.config),
                 "tokenizer": self.tokenizer.to_meta(), "extra": self.extra_state,
                 "config": masked_container(self.cfg)}
@@ -90,6 +92,7 @@ class Trainer:
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.log_loss_sum, self.log_steps = state.get("log_window", [0.0, 0])
         self.extra_state = state.get("extra", {})
+        self.eval_pending = state.get("eval_pending", False)
         mx.eval(self.model.parameters(), self.optimizer.state)
         if self.is_main:
             self._warn_changed_settings(ckpt, state)
@@ -269,20 +272,21 @@ class Trainer:
                 total = total + self._eval_loss(*self.batch(split, (self.seed, split_id, k, 1)))
                 mx.eval(total)
                 if self.world == 1:  # the ranks' batch counts differ: they agree once per split (below)
-                    self._stop_before_training()
+                    self._stop_during_evaluation()
             if self.world > 1:
                 total = mx.distributed.all_sum(total, group=self.group)
-                self._stop_before_training()
+                self._stop_during_evaluation()
             out[f"{split}/loss"] = total.item() / self.cfg.trainer.eval_iters
         self.model.train()
         return out
 
-    def _stop_before_training(self) -> None:
-        """A stop asked during the evaluation before the first step ends the run at once: nothing is trained yet, so
-        nothing is lost (later evaluations finish, then the stopped step is saved)."""
-        signum = self.iter == 0 and self._signals is not None and self._signals.requested(self.group)
+    def _stop_during_evaluation(self) -> None:
+        """A stop asked during an evaluation ends the run at once; the checkpoint saved then marks the evaluation as
+        pending, and the continued run does it before its first step (so its records are an uninterrupted run's)."""
+        signum = self._signals is not None and self._signals.requested(self.group)
         if signum:
-            raise Interrupted(signum, 0)
+            self.eval_pending = True
+            raise Interrupted(signum, self.iter)
 
     # ------------------------------------------------------------------- loop
     def emit(self, event: str, payload: Any = None) -> None:
@@ -307,6 +311,9 @@ class Trainer:
             self._signals = signals
             try:
                 self.emit("on_train_start")
+                if self.eval_pending:
+                    self.eval_pending = False
+                    self.record_eval(self.evaluate())
                 clock, last_done = TrainingClock(), time.perf_counter()
                 step, stop_signal = None, None
                 while step is not None or (self.iter < self.max_iters and not self.should_stop):

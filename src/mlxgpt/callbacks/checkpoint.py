@@ -23,6 +23,7 @@ class CheckpointCallback(Callback):
 
     def on_train_start(self, trainer) -> None:
         self._best = trainer.best_val_loss
+        self._saved_iter = trainer.iter if trainer.resumed else -1  # a stop before the first step saves nothing new
 
     def on_eval_end(self, trainer, logs) -> None:
         is_best = self.save_best and logs["val/loss"] < self._best
