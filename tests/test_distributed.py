@@ -198,3 +198,21 @@ def test_a_submitit_trial_of_an_optuna_search_stopped_by_slurm_says_how_to_conti
     assert command[:6] == ["python", str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
                            "hydra.sweeper.n_trials=1", "hparams_search=lr_depth_optuna"]
     assert command[-2:] == [f"hydra.sweep.dir={job.parent}", "trainer.resume=auto"]
+
+
+@pytest.mark.skipif(not LAUNCH.exists(), reason="needs mlx.launch beside the Python interpreter")
+def test_two_ranks_stopped_during_an_evaluation_continue_with_it_as_one_rank_would(tmp_path):
+    train(tmp_path, "one", ["logger=none", "trainer.gradient_accumulation_steps=2"])
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data"), "OPENBLAS_NUM_THREADS": "1"}
+    stopped = subprocess.run([str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
+                              sys.executable, str(ROOT / "tests/ctrl_c_in_evaluation.py"), "3", str(ROOT / "train.py"),
+                              *TINY, "logger=none", f"paths.log_dir={tmp_path}/logs", "run_name=two"],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    two = tmp_path / "logs/runs/two"
+    assert json.loads((two / "result.json").read_text()) == {"status": "interrupted", "iter": 3}, stopped.stderr
+    assert [r[:2] for r in metrics(two)] == [("eval", 0), ("train", 1), ("train", 2), ("train", 3)]  # cut short
+    train(tmp_path, "two", ["logger=none", "trainer.resume=auto"], ranks=2)
+    one = metrics(tmp_path / "logs/runs/one")
+    assert [r[:2] for r in metrics(two)] == [r[:2] for r in one]
+    for a, b in zip(one, metrics(two)):
+        assert a[2] == pytest.approx(b[2], rel=1e-5) and (a[3] is None or a[3] == pytest.approx(b[3], rel=1e-5))
