@@ -58,11 +58,12 @@ def test_the_next_update_runs_during_the_callbacks_and_training_is_unchanged(tmp
     # next update has already been applied when a callback that said it does not need the state looks anyway.
     expected = [waiting_spy.weights[i if i + 1 in (3, 6, 7) else i + 1] for i in range(7)]
     assert ahead_spy.weights == expected and ahead_spy.weights != waiting_spy.weights
+    weights = []
     for run in ("waiting", "ahead"):  # the checkpoints, written after evaluations, hold the same weights
         ckpt = checkpoint.latest(tmp_path / run / "checkpoints")
-        assert checkpoint.read_state(ckpt)["iter"] == 7
-    weights = [checkpoint.load_arrays(checkpoint.latest(tmp_path / r / "checkpoints"), "model.safetensors")
-               for r in ("waiting", "ahead")]
+        state = checkpoint.read_state(ckpt)
+        assert state["iter"] == 7
+        weights.append(checkpoint.load_arrays(ckpt, "model.safetensors", state))
     assert all(mx.array_equal(weights[0][k], weights[1][k]).item() for k in weights[0])
 
 

@@ -1,6 +1,7 @@
 """Reliability: nothing is lost under signals, kill -9 (also in the middle of a checkpoint write), non-finite losses, a
 full disk, two runs on one directory, and bad input. End to end in real subprocesses on tiny models: after every fault
 `trainer.resume=auto` must reproduce the uninterrupted run's loss sequence exactly."""
+import hashlib
 import json
 import os
 import pickle
@@ -9,6 +10,7 @@ import resource
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -97,6 +99,14 @@ def copy_run(work: Path, source: Path, name: str) -> Path:
     target = run_dir(work, name)
     shutil.copytree(source, target, symlinks=True)
     return target
+
+
+def flip_a_data_byte(path: Path) -> None:
+    """Change one bit in the middle of a safetensors file's array data (past its header): the size stays the same."""
+    data = bytearray(path.read_bytes())
+    (header_size,) = struct.unpack("<Q", data[:8])
+    data[(8 + header_size + len(data)) // 2] ^= 0x01
+    path.write_bytes(data)
 
 
 def last_line(text: str) -> str:
@@ -357,6 +367,42 @@ def test_best_is_the_lowest_val_loss_and_keep_prunes_all_but_the_newest_and_best
     assert checkpoint.read_state(ckpts / "best")["best_val_loss"] == 2.5
 
 
+# ---------------------------------------------------------------------------------------------- checkpoint digests
+def test_a_save_records_each_array_files_size_and_sha256_and_a_load_checks_them(tmp_path):
+    state = {**dict.fromkeys(checkpoint.STATE_KEYS), "iter": 10}
+    ckpt = checkpoint.save_checkpoint(tmp_path, {"w": mx.arange(64.0)}, {"m": mx.ones(64)}, state)
+    saved = checkpoint.read_state(ckpt)
+    for name in checkpoint.ARRAY_FILES:
+        data = (ckpt / name).read_bytes()
+        assert saved["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    flip_a_data_byte(ckpt / "optimizer.safetensors")
+    assert checkpoint.load_arrays(ckpt, "model.safetensors", saved)["w"].tolist() == list(range(64))
+    with pytest.raises(UserError, match="optimizer.safetensors is corrupt: its contents differ from what was saved"):
+        checkpoint.load_arrays(ckpt, "optimizer.safetensors", saved)
+
+
+@pytest.mark.parametrize("files", [[], {"model.safetensors": "0" * 64}, {"model.safetensors": {"sha256": "x"}},
+                                   {"model.safetensors": {"sha256": "0" * 64, "bytes": "12"}}, None])
+def test_a_damaged_digest_entry_is_a_damaged_state_json(tmp_path, files):
+    ckpt = checkpoint.save_checkpoint(tmp_path, {"w": mx.zeros(4)}, {}, {**dict.fromkeys(checkpoint.STATE_KEYS),
+                                                                        "iter": 1})
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "files": files}))
+    with pytest.raises(UserError, match=r"has a damaged state.json \(its files entry is not a sha256 and bytes"):
+        checkpoint.read_state(ckpt)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_before_digests_still_resumes_identically(work, base, reference):
+    old = copy_run(work, base, "before_digests")
+    for state_file in (old / "checkpoints").glob("iter_*/state.json"):
+        state = json.loads(state_file.read_text())
+        del state["files"]
+        state_file.write_text(json.dumps(state, indent=2))
+    train(work, "before_digests", "trainer.max_iters=30", "trainer.resume=auto")
+    assert losses(old) == [r for r in reference if r[1] <= 30]
+
+
 # --------------------------------------------------------------------------------------------- non-finite values
 @pytest.mark.slow
 @pytest.mark.parametrize("on_nan", ["stop", "skip"])
@@ -478,6 +524,12 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
     truncated = copy_run(work, base, "truncated")
     model_file = truncated / "checkpoints" / "last" / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:1000])
+    flipped = copy_run(work, base, "flipped")
+    flip_a_data_byte(flipped / "checkpoints" / "last" / "model.safetensors")
+    bad_digest = copy_run(work, base, "bad_digest")
+    digest_state = bad_digest / "checkpoints" / "last" / "state.json"
+    state = json.loads(digest_state.read_text())
+    digest_state.write_text(json.dumps({**state, "files": {**state["files"], "model.safetensors": "0" * 64}}))
     damaged = copy_run(work, base, "damaged")
     state_file = damaged / "checkpoints" / "iter_0000020" / "state.json"
     state_file.write_text(json.dumps({k: v for k, v in json.loads(state_file.read_text()).items() if k != "model_config"}))
@@ -510,6 +562,13 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "bad callback option": (run("b7", "callbacks.checkpoint.keep=-1"), "callbacks.checkpoint", None),
         "resume: missing": (run("b8", "trainer.resume=nowhere"), "does not exist", None),
         "resume: truncated": (run("truncated", "trainer.resume=auto"), "corrupt or truncated", truncated),
+        "resume: a changed byte in the weights": (
+            run("flipped", "trainer.resume=auto"),
+            f"checkpoint file {flipped}/checkpoints/iter_0000020/model.safetensors is corrupt: its contents differ "
+            f"from what was saved (its SHA-256 is not the one in state.json); use another checkpoint, e.g. "
+            f"{flipped}/checkpoints/iter_0000010", flipped),
+        "resume: a damaged digest in state.json": (run("bad_digest", "trainer.resume=auto"),
+                                                   "has a damaged state.json (its files entry", bad_digest),
         "resume: other model size": (run("other_size", "trainer.resume=auto", "model.n_embd=64"),
                                      "for a different model", other_size),
         "resume: other optimizer": (  # SGD would take AdamW's second moments ("v") for its momentum
@@ -555,6 +614,10 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "sample: missing checkpoint": ([*sample, "checkpoint=nowhere"], "does not exist", None),
         "sample: truncated checkpoint": ([*sample, f"checkpoint={truncated}", "which=last"], "corrupt or truncated",
                                          truncated),
+        "sample: a changed byte in the weights": (
+            [*sample, f"checkpoint={flipped}", "which=last"],
+            f"{flipped}/checkpoints/iter_0000020/model.safetensors is corrupt: its contents differ from what was "
+            f"saved", flipped),
         "sample: not a checkpoint": ([*sample, f"checkpoint={work}/foreign"], "is not an mlxgpt checkpoint", None),
         "sample: damaged state.json": (  # the older checkpoint of the run is the way out
             [*sample, f"checkpoint={damaged}", "which=last"],
@@ -597,7 +660,8 @@ def bad_input_results(work, base):
 
 BAD_INPUTS = ["missing data file", "empty data file", "characters outside the char vocab",
               "block_size above the model's", "n_embd not divisible by n_head", "eval_iters 0", "bad callback option",
-              "resume: missing", "resume: truncated", "resume: other model size", "resume: other optimizer",
+              "resume: missing", "resume: truncated", "resume: a changed byte in the weights",
+              "resume: a damaged digest in state.json", "resume: other model size", "resume: other optimizer",
               "resume: not a checkpoint",
               "init_from: missing", "init_from: truncated", "init_from: other model size",
               "init_from: not a checkpoint", "init_from: a GPT-2 (BPE) directory with char data",
@@ -607,7 +671,8 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "callback option: sample prompt outside the vocabulary", "callback option: checked before the data is read",
               "callback option: early stopping without evaluations", "callback option: a class that does not exist",
               "sample: no checkpoint given", "sample: which",
-              "sample: missing checkpoint", "sample: truncated checkpoint", "sample: not a checkpoint",
+              "sample: missing checkpoint", "sample: truncated checkpoint", "sample: a changed byte in the weights",
+              "sample: not a checkpoint",
               "sample: damaged state.json",
               "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits",
               "sample: missing prompt file", "log dir: a file", "log dir: a file, in a sweep",
@@ -719,7 +784,7 @@ def test_loading_a_pickle_disguised_as_a_checkpoint_runs_no_code(tmp_path):
     with pytest.raises(UserError, match="corrupt or truncated"):
         checkpoint.verify(ckpt)
     with pytest.raises(UserError, match="corrupt or truncated"):
-        checkpoint.load_arrays(ckpt, "model.safetensors")
+        checkpoint.load_arrays(ckpt, "model.safetensors", checkpoint.read_state(ckpt))
     assert not marker.exists()
 
 

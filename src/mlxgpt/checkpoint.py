@@ -1,5 +1,8 @@
 """Checkpoints: `model.safetensors` + `optimizer.safetensors` + `state.json`, written atomically.
 
+state.json records each array file's size and SHA-256 (`files`); every load checks them first, so a changed byte (bit
+rot, a bad copy) is an error, not garbage weights. Checkpoints saved before the digests load without the check.
+
 Layout of `<run>/checkpoints/`: complete `iter_XXXXXXX/` directories and `last` / `best` symlinks. A directory is
 written under a hidden temporary name, fsync'd and renamed; a link is swapped with one rename; a directory is
 renamed to a hidden name before it is deleted. So a kill at any moment leaves `last` and `best` pointing at
@@ -18,6 +21,7 @@ from typing import Mapping
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlxgpt.digest import file_sha256
 from mlxgpt.errors import UserError
 
 FORMAT = "mlxgpt-checkpoint"
@@ -27,6 +31,7 @@ STATE_KEYS = ("iter", "tokens_seen", "best_val_loss", "seed", "model_config", "t
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # what makes weights fit a model
 ITER_DIR = re.compile(r"iter_(\d+)(?:-(\d+))?")  # iter_0000040, or iter_0000040-1 for a second save of iteration 40
 DEBRIS = (".iter_*", ".last.tmp*", ".best.tmp*")  # left by a save or prune that was killed
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _fsync(path: Path) -> None:
@@ -59,7 +64,9 @@ def save_checkpoint(ckpt_root: Path, model_params: dict, optimizer_state: dict, 
         tmp.mkdir()
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model_params)))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer_state)))
-        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state}, indent=2))
+        files = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                 for name in ARRAY_FILES}  # hashed from the page cache the write just filled
+        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state, "files": files}, indent=2))
         for f in FILES:
             _fsync(tmp / f)
         _fsync(tmp)
@@ -151,7 +158,18 @@ def read_state(ckpt: Path) -> dict:
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise UserError(f"checkpoint {ckpt} has a damaged state.json (no {', '.join(missing)}); {_use_another(ckpt)}")
+    if "files" in state and not _valid_files(state["files"]):
+        raise UserError(f"checkpoint {ckpt} has a damaged state.json (its files entry is not a sha256 and bytes for "
+                        f"each of {', '.join(ARRAY_FILES)}); {_use_another(ckpt)}")
     return state
+
+
+def _valid_files(files) -> bool:
+    """state.json's `files`: {"sha256": 64 hex digits, "bytes": an int} for each array file."""
+    return isinstance(files, dict) and all(
+        isinstance(entry := files.get(name), dict) and type(entry.get("bytes")) is int
+        and isinstance(entry.get("sha256"), str) and SHA256.fullmatch(entry["sha256"]) is not None
+        for name in ARRAY_FILES)
 
 
 def _use_another(ckpt: Path) -> str:
@@ -219,12 +237,29 @@ def _sizes_text(model_cfg: Mapping) -> str:
     return "/".join(f"{k}={model_cfg.get(k)}" for k in MODEL_KEYS)
 
 
-def load_arrays(ckpt: Path, name: str) -> dict[str, mx.array]:
-    """One safetensors file of a checkpoint; a missing or truncated file is a UserError."""
+def load_arrays(ckpt: Path, name: str, state: dict) -> dict[str, mx.array]:
+    """One safetensors file of a checkpoint, first checked against the size and SHA-256 in its `state` (read_state)
+    where it has them; a missing, truncated or changed file is a UserError."""
     path = ckpt / name
     if not path.is_file():
         raise UserError(f"checkpoint {ckpt} is incomplete: {name} is missing; {_use_another(ckpt)}")
+    if "files" in state:
+        _check_unchanged(ckpt, path, state["files"][name])
     try:
         return mx.load(str(path))
     except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or foreign files
         raise UserError(f"checkpoint file {path} is corrupt or truncated ({e}); {_use_another(ckpt)}") from None
+
+
+def _check_unchanged(ckpt: Path, path: Path, saved: dict) -> None:
+    """UserError unless the file has the size and SHA-256 that state.json recorded when it was saved."""
+    try:
+        size = path.stat().st_size
+        if size != saved["bytes"]:
+            raise UserError(f"checkpoint file {path} is corrupt or truncated ({size} bytes, {saved['bytes']} when "
+                            f"saved); {_use_another(ckpt)}")
+        if file_sha256(path) != saved["sha256"]:
+            raise UserError(f"checkpoint file {path} is corrupt: its contents differ from what was saved (its SHA-256 "
+                            f"is not the one in state.json); {_use_another(ckpt)}")
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint file {path} ({e.strerror}); {_use_another(ckpt)}") from None

@@ -28,7 +28,7 @@ def load_model(path: str | Path, which: str = "best"):
     ckpt = checkpoint.resolve(path, "last") if which == "last" else checkpoint.resolve_best(path)
     state = checkpoint.read_state(ckpt)
     model = GPT(GPTConfig(**state["model_config"]))
-    load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
+    load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors", state), ckpt)
     model.eval()
     return model, tokenizer_from_meta(state["tokenizer"]), state
 

@@ -188,7 +188,7 @@ def _build_model(cfg: DictConfig, tokenizer) -> GPT:
         state = checkpoint.read_state(ckpt)
         checkpoint.check_model(ckpt, state, cfg.model)
         checkpoint.check_tokenizer(ckpt, state, tokenizer.to_meta())
-        load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
+        load_weights(model, checkpoint.load_arrays(ckpt, "model.safetensors", state), ckpt)
         log.info(f"mlxgpt: initialised from {ckpt}")
     return model
 

@@ -86,8 +86,8 @@ class Trainer:
         state = checkpoint.read_state(ckpt)
         checkpoint.check_model(ckpt, state, asdict(self.model.config))
         checkpoint.check_tokenizer(ckpt, state, self.tokenizer.to_meta())
-        load_weights(self.model, checkpoint.load_arrays(ckpt, "model.safetensors"), ckpt)
-        self._load_optimizer_state(ckpt, state["config"]["optimizer"])
+        load_weights(self.model, checkpoint.load_arrays(ckpt, "model.safetensors", state), ckpt)
+        self._load_optimizer_state(ckpt, state)
         self.iter, self.tokens_seen = state["iter"], state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.log_loss_sum, self.log_steps = state.get("log_window", [0.0, 0])
@@ -105,12 +105,12 @@ class Trainer:
             log.warning(f"mlxgpt: warning: continuing {ckpt} with settings it was not trained with: "
                         f"{', '.join(changed)}; the run's config now records these")
 
-    def _load_optimizer_state(self, ckpt: Path, saved: dict) -> None:
+    def _load_optimizer_state(self, ckpt: Path, state: dict) -> None:
         """The checkpoint's optimizer state; UserError unless it has this optimizer's arrays (names and shapes)."""
-        arrays = checkpoint.load_arrays(ckpt, "optimizer.safetensors")
+        arrays = checkpoint.load_arrays(ckpt, "optimizer.safetensors", state)
         if {k: v.shape for k, v in arrays.items()} != {k: v.shape for k, v in tree_flatten(self.optimizer.state)}:
             was, now = (f"optimizer={c['name']} with weight_decay={c['weight_decay']}"
-                        for c in (saved, self.cfg.optimizer))
+                        for c in (state["config"]["optimizer"], self.cfg.optimizer))
             raise UserError(f"the optimizer state in {ckpt} ({was}) does not fit this run's {now}: continue with the "
                             f"checkpoint's optimizer settings, or start a new run from its weights with init_from={ckpt}")
         self.optimizer.state = tree_unflatten(list(arrays.items()))

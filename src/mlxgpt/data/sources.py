@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from mlxgpt.digest import file_sha256
 from mlxgpt.errors import UserError
 from mlxgpt.hub import offline_unless_reachable
 
@@ -53,7 +54,7 @@ def url_file(cfg) -> tuple[Path, str]:
             _download(cfg.url, path, cfg.sha256)
     else:
         raise UserError("data.source=url needs data.url (or data.path to a local copy)")
-    sha256 = _sha256(path)
+    sha256 = file_sha256(path)
     if cfg.sha256 and sha256 != cfg.sha256.lower():
         if cfg.path:  # the user's own file: never advise deleting it
             raise UserError(f"data.path={cfg.path} is not the {cfg.name} file (sha256 {sha256}, expected data.sha256={cfg.sha256}); "
@@ -167,14 +168,6 @@ def _download(url: str, path: Path, sha256: str | None) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_utf8(path: Path, fix: str = "leave it out of data.path") -> str:
