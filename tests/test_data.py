@@ -1,10 +1,12 @@
 """Data pipeline: sources, prepare (keys, no-op reruns, interruptions, HF corpora) and the batch loader."""
+import fcntl
 import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import datasets
@@ -183,6 +185,67 @@ def test_local_copy_with_wrong_checksum_is_a_user_error(tmp_path):
     assert data.tokenizer.decode(np.concatenate([stream(data, "train"), stream(data, "val")])) == "not shakespeare\n"
     with pytest.raises(UserError, match="does not exist"):
         prepare(data_cfg(tmp_path, source="url", path=str(tmp_path / "missing.txt")))
+
+
+def test_a_failed_prepare_leaves_no_directory_and_succeeds_once_the_input_is_fixed(tmp_path, tiktoken_cache, monkeypatch):
+    prepared = tmp_path / "cache" / "prepared"
+    pq.write_table(pa.table({"content": make_docs(20)}), tmp_path / "docs.parquet")
+    hf = data_cfg(tmp_path, name="pq", source="hf", tokenizer="gpt2", hf_path="parquet",
+                  data_files=str(tmp_path / "docs.parquet"), num_proc=1)
+    with pytest.raises(UserError, match="no column 'text'"):
+        prepare(hf)
+    assert list(prepared.iterdir()) == []
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    (tmp_path / "t.txt").write_text("abba cab\n" * 50)
+    monkeypatch.setattr(prepare_module, "get_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(data_cfg(tmp_path, name="t", source="text", path=str(tmp_path / "t.txt")))
+    assert list(prepared.iterdir()) == []
+    monkeypatch.undo()
+    pq.write_table(pa.table({"text": make_docs(20)}), tmp_path / "docs.parquet")
+    assert len(documents(load_data(hf), "train")) > 0 and len(list(prepared.iterdir())) == 1
+
+
+def test_a_prepare_waiting_for_the_lock_of_a_failed_one_locks_the_new_directory(tmp_path, monkeypatch):
+    """The failed prepare removes the directory and the lock file the waiter holds open: the waiter locks anew."""
+    (tmp_path / "t.txt").write_text("abba cab\n" * 50)
+    cfg = data_cfg(tmp_path, name="t", source="text", path=str(tmp_path / "t.txt"))
+    real_flock, real_tokenize, waiting, locks, calls = fcntl.flock, prepare_module._tokenize_text, threading.Event(), [], []
+
+    def flock(file, operation):
+        locks.append(file.name)
+        if len(locks) == 2:  # the second prepare, about to wait for the first
+            waiting.set()
+        real_flock(file, operation)
+
+    def tokenize_fails_first(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            assert waiting.wait(30)
+            raise Interrupted
+        return real_tokenize(*args)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(prepare_module, "_tokenize_text", tokenize_fails_first)
+    results = []
+
+    def run():
+        try:
+            results.append(prepare(cfg))
+        except Interrupted as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    failed, prepared = sorted(results, key=lambda r: isinstance(r, Path))
+    assert isinstance(failed, Interrupted) and TokenData(prepared).num_tokens("train") > 0
+    assert len(locks) == 3  # the waiter found its lock file removed and locked the new one
 
 
 def test_unwritable_data_dir_is_a_user_error_naming_the_setting(tmp_path):

@@ -2,7 +2,8 @@
 
 Layout of <cache_dir>/prepared/<name>-<key>/: train_000000.bin ..., val_000000.bin ..., meta.json (written
 last). A shard is written under a hidden temporary name and renamed when complete; a Hugging Face corpus
-also keeps progress.json, so that a rerun after an interruption continues from the last completed shard.
+also keeps progress.json, so that a rerun after an interruption continues from the last completed shard; a
+prepare that fails (or is interrupted) before that removes its directory.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from mlxgpt.errors import DISK_ERRORS, UserError
 from mlxgpt.tokenizer import get_tokenizer
 
 PROGRESS_FILE = "progress.json"
+LOCK_FILE = ".lock"
 DOCS_PER_TASK = 256  # documents per tokenizer task: big enough to amortize inter-process transfer
 SPLITS = ("train", "val")
 WRITE_ERRORS = DISK_ERRORS | {errno.ENOTDIR, errno.ENOENT}  # the data dir's path, below a file or gone
@@ -41,16 +43,56 @@ def prepare(cfg) -> Path:
     if _is_prepared(directory):
         return directory
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process (e.g. another rank) may be preparing the same data
-            if not _is_prepared(directory):
-                _prepare_into(cfg, directory, key, spec, text)
+        while not _prepare_locked(cfg, directory, key, spec, text):
+            pass  # a failed prepare removed the directory while this one waited for its lock: lock the new one
     except OSError as e:
         if e.errno not in WRITE_ERRORS:  # e.g. a stream's network error: not the data dir's fault
             raise
         raise unwritable(directory, e) from None
     return directory
+
+
+def _prepare_locked(cfg, directory: Path, key: str, spec: dict, text: str | None) -> bool:
+    """Prepare under directory's lock (another process, e.g. another rank, may be preparing the same data); False
+    when the lock file was removed before this process got it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = open(directory / LOCK_FILE, "a")
+    except FileNotFoundError:  # the directory was removed since mkdir
+        return False
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_current(lock, directory / LOCK_FILE):
+            return False
+        if _is_prepared(directory):
+            return True
+        try:
+            _prepare_into(cfg, directory, key, spec, text)
+        except BaseException:  # an error or an interruption: keep only what a rerun resumes from
+            if not (directory / PROGRESS_FILE).exists():
+                _remove(directory)
+            raise
+    return True
+
+
+def _is_current(lock, path: Path) -> bool:
+    """Whether the open lock file is still the one at path (a failed prepare may have removed it)."""
+    try:
+        return os.path.samestat(os.fstat(lock.fileno()), path.stat())
+    except FileNotFoundError:
+        return False
+
+
+def _remove(directory: Path) -> None:
+    """Remove a directory this process holds the lock of: its files, the lock file last, then the directory."""
+    for path in directory.iterdir():
+        if path.name != LOCK_FILE:
+            path.unlink()
+    (directory / LOCK_FILE).unlink()
+    try:
+        directory.rmdir()
+    except OSError:  # a process that came since made a new lock file: the directory is its now
+        pass
 
 
 def _prepare_into(cfg, directory: Path, key: str, spec: dict, text: str | None) -> None:
