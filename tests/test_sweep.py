@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from mlxgpt.cli import multirun_flag_first
 from mlxgpt.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +21,9 @@ TINY = ["model=nano", "model.n_embd=32", "model.block_size=32", "trainer.batch_s
 
 
 def multirun(tmp: Path, *overrides: str, returncode: int = 0) -> subprocess.CompletedProcess:
+    """A sweep of the TINY model; -m between its overrides, where Hydra alone would refuse it."""
     env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp / "data")}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY, f"paths.log_dir={tmp}/logs",
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "-m", f"paths.log_dir={tmp}/logs",
                            "hydra.sweep.dir=logs/sweep", *overrides],
                           capture_output=True, text=True, cwd=tmp, env=env, timeout=300)
     assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -93,6 +95,12 @@ def test_a_slurm_sweep_without_slurm_is_one_line_and_writes_nothing(tmp_path):
         "error: hydra/launcher=slurm needs Slurm (no srun on PATH): start the sweep on the cluster, or try it on this "
         "machine with hydra/launcher=submitit_local"]
     assert not (tmp_path / "logs").exists()
+
+
+def test_the_multirun_flag_anywhere_is_moved_before_the_overrides():
+    assert multirun_flag_first(["a=1", "-m", "b=1,2"]) == ["-m", "a=1", "b=1,2"]
+    assert multirun_flag_first(["a=1", "b=1,2", "--multirun"]) == ["--multirun", "a=1", "b=1,2"]
+    assert multirun_flag_first(["run_name=-m", "b=--multirun"]) == ["run_name=-m", "b=--multirun"]
 
 
 def test_yaml_sweep_declares_the_lr_depth_grid():

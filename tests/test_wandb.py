@@ -27,9 +27,7 @@ def wandb_env(tmp: Path, **extra) -> dict:
 
 
 def train(tmp: Path, *args: str, env=None, returncode: int = 0) -> subprocess.CompletedProcess:
-    flags = [a for a in args if a.startswith("-")]  # `-m` must come before the overrides
-    overrides = [a for a in args if not a.startswith("-")]
-    command = [sys.executable, str(ROOT / "train.py"), *flags, *TINY, f"paths.log_dir={tmp}/logs", *overrides]
+    command = [sys.executable, str(ROOT / "train.py"), *TINY, f"paths.log_dir={tmp}/logs", *args]  # `-m` too
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp, env=env or wandb_env(tmp), timeout=300)
     assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

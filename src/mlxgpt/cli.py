@@ -16,6 +16,7 @@ from mlxgpt.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
 def _causes(exc: BaseException | None):
@@ -102,6 +103,7 @@ def run_hydra(main: Callable[[], object]) -> None:
     """Call a @hydra.main function; config and user errors print one line to stderr and exit 2, Ctrl-C 130; a sweep
     with failed jobs exits 1 after all have run."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let exceptions reach us instead of Hydra's multi-line report
+    sys.argv[1:] = multirun_flag_first(sys.argv[1:])
     try:
         main()
         if _failed_jobs:
@@ -121,6 +123,13 @@ def run_hydra(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:  # outside the training loop, which stops on its own terms (mlxgpt.interrupt)
         print("mlxgpt: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def multirun_flag_first(args: list[str]) -> list[str]:
+    """args with -m / --multirun moved before the overrides: Hydra's parser refuses it between two of them (an
+    override is one key=value token, so a bare -m is always the flag)."""
+    flags = [a for a in args if a in MULTIRUN_FLAGS]
+    return [*flags, *(a for a in args if a not in MULTIRUN_FLAGS)]
 
 
 def uncompleted_job(exc: Exception) -> str:
