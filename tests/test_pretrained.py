@@ -1,6 +1,7 @@
 """GPT-2 weights in Hugging Face format: name/layout mapping, export, load, errors, offline hub cache."""
 import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -268,6 +269,9 @@ def test_a_checkpoint_saved_by_transformers_loads_with_the_same_logits(tmp_path)
     np.testing.assert_allclose(np.array(model(mx.array(idx))), expected, atol=1e-5, rtol=0)
 
 
+# sha256 of the BPE export's files as first written (from tiktoken's private ranks table): byte-identical since.
+BPE_FILES_SHA256 = {"vocab.json": "141c90441406d2a71a00089fa4f021bd9bd17c16ae9aec33681c1f3661c2ae69",
+                    "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
 WORDS = ["Hello", " world", " language", " tokenization", " 東京", " 🤖", "\n\n", " Ünïcödé", "1234567"]
 
 
@@ -291,6 +295,8 @@ def test_a_bpe_export_has_gpt2s_tokenizer_files(tmp_path, tiktoken_cache):
             parts[best:best + 2] = [parts[best] + parts[best + 1]]
         assert [vocab[p] for p in parts] == bpe.encode(word), word
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == CONFIG.block_size
+    assert {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in BPE_FILES_SHA256} == \
+        BPE_FILES_SHA256
 
 
 def test_transformers_tokenizes_a_bpe_export_as_tiktoken(tmp_path, tiktoken_cache):

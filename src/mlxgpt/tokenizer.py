@@ -84,7 +84,8 @@ class GPT2Tokenizer:
 
     def hf_files(self, max_length: int) -> dict[str, str]:
         """vocab.json, merges.txt and tokenizer_config.json: the same BPE as transformers' GPT2Tokenizer files."""
-        ranks = self._bpe._mergeable_ranks  # token bytes -> id (tiktoken keeps no public accessor)
+        # token bytes -> rank, in rank order: the ids below <|endoftext|> are r50k's BPE tokens, each id its rank
+        ranks = {self._bpe.decode_single_token_bytes(i): i for i in range(self.eot_token)}
         show = _byte_characters()
 
         def text(token: bytes) -> str:
@@ -92,7 +93,7 @@ class GPT2Tokenizer:
 
         vocab = {text(token): rank for token, rank in ranks.items()} | {EOT_TEXT: self.eot_token}
         merges = [" ".join(map(text, _merged_pair(ranks, token, rank)))
-                  for token, rank in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+                  for token, rank in ranks.items() if len(token) > 1]
         config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False,
                   "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
         return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": "\n".join(["#version: 0.2", *merges]),
