@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -108,6 +109,48 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
     assert first.values("iter")[-1] == 5 and second.values("val/loss") and min(second.values("iter")) >= 5
     table = json.loads((files[1].parent / "files" / second.values("samples.path")[-1]).read_text())
     assert [row[0] for row in table["data"]] == [5, 10]  # the samples table keeps the first attempt's sample
+
+
+EVERY_STEP = ["logger.mode=offline", "trainer.log_interval=1", "callbacks.sample.every_evals=1"]
+
+
+def crash_at_7(tmp: Path) -> None:
+    """Run `r` fails at iteration 7, after its checkpoint at 5 and its W&B rows of 6 and 7."""
+    train(tmp, "run_name=r", *EVERY_STEP, "+callbacks.crash._target_=wandb_callbacks.Crash",
+          "+callbacks.crash.at_iter=7", env=wandb_env(tmp, PYTHONPATH=str(ROOT / "tests")), returncode=1)
+
+
+def sample_table(run_file: Path, run) -> list:
+    return json.loads((run_file.parent / "files" / run.values("samples.path")[-1]).read_text())["data"]
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_a_crash_logs_each_iteration_to_wandb_once(tmp_path):
+    """The resumed run (from 5) logs 8 on, and the two W&B files hold the history of an uninterrupted run."""
+    train(tmp_path, "run_name=full", *EVERY_STEP)
+    crash_at_7(tmp_path)
+    train(tmp_path, "run_name=r", *EVERY_STEP, "trainer.resume=auto")
+    (full_file,), files = (find_run_files(tmp_path / f"logs/runs/{name}/wandb") for name in ("full", "r"))
+    full, (crashed, resumed) = read_run(full_file), map(read_run, files)
+    assert crashed.run_id == resumed.run_id and max(crashed.values("iter")) == 7 and crashed.exit_code == 1
+    for key in ("train/loss", "val/loss", "samples.path"):
+        rows = [(row["iter"], row[key]) for run in (crashed, resumed) for row in run.history if key in row]
+        expected = [(row["iter"], row[key]) for row in full.history if key in row]
+        assert [i for i, _ in rows] == [i for i, _ in expected], key  # each iteration once
+        if key != "samples.path":
+            np.testing.assert_allclose([v for _, v in rows], [v for _, v in expected], rtol=1e-6)
+    assert sample_table(files[1], resumed) == sample_table(full_file, full)  # the samples of every evaluation, once
+    assert resumed.summary["best/val_loss"] == full.summary["best/val_loss"] and resumed.exit_code == 0
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_a_crash_with_other_settings_logs_its_own_rows_again(tmp_path):
+    """With another lr the iterations after the checkpoint have other losses: W&B gets those too."""
+    crash_at_7(tmp_path)
+    train(tmp_path, "run_name=r", *EVERY_STEP, "trainer.resume=auto", "optimizer.lr=1e-3")
+    crashed, resumed = map(read_run, find_run_files(tmp_path / "logs/runs/r/wandb"))
+    assert [row["iter"] for row in resumed.history if "train/loss" in row] == [6, 7, 8, 9, 10]
+    assert resumed.values("train/loss")[:2] != crashed.values("train/loss")[-2:]
 
 
 @pytest.mark.slow

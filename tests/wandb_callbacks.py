@@ -9,8 +9,8 @@ import time
 from mlxgpt.callbacks.base import Callback
 
 
-class KillWandbService(Callback):
-    """At the log of iteration `at_iter`, after the W&B callback logged it, kill this process's wandb-core."""
+class AtIteration(Callback):
+    """Acts at the log of iteration `at_iter`, after the W&B callback logged it."""
 
     priority = 99
 
@@ -21,13 +21,28 @@ class KillWandbService(Callback):
         return False
 
     def on_log(self, trainer, logs) -> None:
-        if logs["iter"] != self.at_iter:
-            return
+        if logs["iter"] == self.at_iter:
+            self.act()
+
+    def act(self) -> None: ...
+
+
+class KillWandbService(AtIteration):
+    """Kills this process's wandb-core."""
+
+    def act(self) -> None:
         found = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "wandb-core"], capture_output=True, text=True)
         assert found.stdout.split(), "no wandb-core process to kill"
         for pid in found.stdout.split():
             os.kill(int(pid), signal.SIGKILL)
         time.sleep(1)  # gone before the next W&B call
+
+
+class Crash(AtIteration):
+    """Fails, as a bug in the middle of a run would."""
+
+    def act(self) -> None:
+        raise RuntimeError(f"injected crash at iteration {self.at_iter}")
 
 
 class Options(Callback):

@@ -16,6 +16,8 @@ from mlxgpt.log import log
 from mlxgpt.rundir import own_checkpoint
 
 RUN_ID_KEY = "wandb_run_id"  # in trainer.extra_state, so a resumed run continues the same W&B run
+LOGGED_FILE = "logged.json"  # in the run dir's wandb/: the W&B run's id and the last iteration of each kind of row
+# that its ended attempts logged (a resumed run does not log those again)
 UNREACHABLE: list[str] = []  # why W&B could not be reached online by a job of this process (then the rest log offline)
 OFFLINE = "logging offline; upload later with `wandb sync`"
 
@@ -30,6 +32,8 @@ class WandbCallback(Callback):
         self.run = None
         self._started = False
         self._sample_rows: list[list[Any]] = []
+        self._logged: dict[str, int] = {}  # kind of history row (train, eval, samples) -> the last iteration logged
+        self._logged_file: Path | None = None
 
     def needs_state(self, trainer, iteration: int) -> bool:
         return False  # its step events only log
@@ -42,12 +46,12 @@ class WandbCallback(Callback):
 
     def on_log(self, trainer, logs) -> None:
         self._ensure_run(trainer)
-        self._guard(self._log, logs)
+        self._guard(self._log, "train", logs)
 
     def on_eval_end(self, trainer, logs) -> None:
         self._ensure_run(trainer)
         # The eval's train-split estimate gets its own name: `train/loss` is the running training loss.
-        self._guard(self._log, {("train/eval_loss" if k == "train/loss" else k): v for k, v in logs.items()})
+        self._guard(self._log, "eval", {("train/eval_loss" if k == "train/loss" else k): v for k, v in logs.items()})
 
     def on_sample(self, trainer, info) -> None:
         self._ensure_run(trainer)
@@ -100,13 +104,22 @@ class WandbCallback(Callback):
         trainer.extra_state[RUN_ID_KEY] = self.run.id
         if trainer.resumed:  # the samples table goes on from those of the earlier attempts
             self._sample_rows = earlier_samples(trainer.run_dir / SAMPLES)
+        self._logged_file = trainer.run_dir / "wandb" / LOGGED_FILE
+        if not trainer.changed_settings:  # else the rows past the checkpoint differ from those logged before
+            self._logged = logged_rows(self._logged_file, self.run.id)
         self.run.define_metric("iter")  # the x-axis of every chart; `tokens` is logged beside it as the other one
         self.run.define_metric("*", step_metric="iter")
         self.run.define_metric("val/loss", step_metric="iter", summary="min,last")  # best/val_loss: the running min
 
-    def _log(self, logs: dict[str, Any]) -> None:
-        if self.run is not None:
+    def _log(self, kind: str, logs: dict[str, Any]) -> None:
+        if self.run is not None and self._is_new(kind, logs["iter"]):
             self.run.log({k: v for k, v in logs.items() if v is not None})
+            self._logged[kind] = logs["iter"]
+
+    def _is_new(self, kind: str, iteration: int) -> bool:
+        """Whether no earlier attempt of this W&B run logged the row: one that failed after its last checkpoint logged
+        iterations that this one repeats (with the same values), and W&B cannot take rows back."""
+        return iteration > self._logged.get(kind, -1)
 
     def _log_samples(self, info: dict[str, Any]) -> None:
         if self.run is None:
@@ -114,8 +127,10 @@ class WandbCallback(Callback):
         import wandb
 
         self._sample_rows += [[info["iter"], info["prompt"], text] for text in info["samples"]]
-        table = wandb.Table(columns=["iter", "prompt", "text"], data=self._sample_rows)  # all samples so far
-        self.run.log({"iter": info["iter"], "samples": table})
+        if self._is_new("samples", info["iter"]):
+            table = wandb.Table(columns=["iter", "prompt", "text"], data=self._sample_rows)  # all samples so far
+            self.run.log({"iter": info["iter"], "samples": table})
+            self._logged["samples"] = info["iter"]
 
     def _log_checkpoint(self, info: dict[str, Any]) -> None:
         if self.run is None:
@@ -129,10 +144,19 @@ class WandbCallback(Callback):
         self.run.log_artifact(artifact, aliases=aliases)
 
     def _finish(self, exit_code: int) -> None:
-        """Always end the run, so the next job of a multirun (same process) starts its own."""
+        """Always end the run, so the next job of a multirun (same process) starts its own; record what it logged."""
         run, self.run = self.run, None
         if run is not None:
-            self._guard(lambda: run.finish(exit_code=exit_code))
+            self._guard(self._end, run, exit_code)
+
+    def _end(self, run, exit_code: int) -> None:
+        """Finish the run, then record the rows it holds (atomically). Not before: W&B writes a run's file in blocks,
+        so a run killed (kill -9) loses its last rows, which the resumed run logs again."""
+        logged = json.dumps({"run_id": run.id, "rows": self._logged})
+        run.finish(exit_code=exit_code)
+        tmp = self._logged_file.with_name(f".{LOGGED_FILE}.tmp")
+        tmp.write_text(logged)
+        os.replace(tmp, self._logged_file)
 
     def _guard(self, fn, *args) -> None:
         """Run a W&B call; on the first failure shut W&B down, warn once (one line), and let training go on."""
@@ -165,6 +189,15 @@ def earlier_samples(path: Path) -> list[list[Any]]:
             record = json.loads(line)
             rows.append([record["iter"], record["prompt"], record["text"]])
     return rows
+
+
+def logged_rows(path: Path, run_id: str) -> dict[str, int]:
+    """The last iteration of each kind of row that earlier attempts logged to W&B run `run_id` (none for a new run)."""
+    try:
+        logged = json.loads(path.read_text())
+        return dict(logged["rows"]) if logged["run_id"] == run_id else {}
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not ours
+        return {}
 
 
 def api_key_configured() -> bool:
