@@ -542,6 +542,7 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
     failed_retry = copy_run(work, base, "failed_retry")
     forked = copy_run(work, base, "forked")
     evaluated, evaluated2 = copy_run(work, base, "evaluated"), copy_run(work, base, "evaluated2")
+    oversized = copy_run(work, base, "oversized")
     sample = [sys.executable, str(ROOT / "sample.py"), "max_new_tokens=5"]
     export_hf(GPT(GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=2, n_embd=32)), work / "bpe_export")
 
@@ -591,6 +592,9 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
             failed_retry),
         "resume: another run's checkpoint into a used run": (
             run("forked", f"trainer.resume={base}/checkpoints/iter_0000010"), "another run's checkpoint", forked),
+        "resume: a batch that cannot fit in memory": (
+            run("oversized", "trainer.resume=auto", "trainer.batch_size=100000000"),
+            "the batch does not fit in memory: a micro-batch of 100000000 x 32 tokens needs at least", oversized),
         "eval_only: no weights to evaluate": (run("evaluated", "trainer.eval_only=true"), "evaluates saved weights",
                                               evaluated),
         "eval_only: into a used run": (run("evaluated2", "trainer.eval_only=true", f"init_from={base}"),
@@ -666,6 +670,7 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "init_from: missing", "init_from: truncated", "init_from: other model size",
               "init_from: not a checkpoint", "init_from: a GPT-2 (BPE) directory with char data",
               "resume: a failed attempt keeps the run's records", "resume: another run's checkpoint into a used run",
+              "resume: a batch that cannot fit in memory",
               "eval_only: no weights to evaluate", "eval_only: into a used run",
               "callback option: evaluation interval 0", "callback option: patience not a number",
               "callback option: sample prompt outside the vocabulary", "callback option: checked before the data is read",

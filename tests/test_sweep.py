@@ -87,6 +87,19 @@ def test_a_sweep_into_a_used_directory_is_refused_and_a_changed_grid_does_not_co
     assert files(sweep / "0") == before  # neither continued nor relabelled: its records are those of lr=0.003
 
 
+@pytest.mark.slow
+def test_a_job_that_cannot_fit_in_memory_fails_like_an_invalid_value_and_the_others_run(tmp_path):
+    proc = multirun(tmp_path, "trainer.batch_size=4,100000000", "trainer.max_iters=5", returncode=1)
+    assert proc.stderr.strip().splitlines()[-1] == "mlxgpt: 1 job(s) of the sweep failed: 1"
+    assert "error: job failed: the batch does not fit in memory: a micro-batch of 100000000 x 32" in proc.stderr
+    assert "Traceback" not in proc.stderr and "may not fit" not in proc.stderr  # the other job: not even a warning
+    sweep = tmp_path / "logs" / "sweep"
+    good, absurd = result(sweep / "0"), result(sweep / "1")
+    assert good["status"] == "ok" and good["iter"] == 5
+    assert absurd["status"] == "failed" and "does not fit in memory" in absurd["error"]
+    assert not (sweep / "1" / "checkpoints").exists() and not (sweep / "1" / "metrics.jsonl").exists()
+
+
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="Slurm is installed here: the sweep would be submitted")
 def test_a_slurm_sweep_without_slurm_is_one_line_and_writes_nothing(tmp_path):
     proc = multirun(tmp_path, "hydra/launcher=slurm", "hydra.launcher.partition=p", "optimizer.lr=3e-4,6e-4",

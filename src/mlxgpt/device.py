@@ -1,6 +1,7 @@
 """Device selection (Apple GPU, NVIDIA GPU, CPU), a one-line description, and peak FLOP/s for MFU."""
 from __future__ import annotations
 
+import os
 import platform
 
 import mlx.core as mx
@@ -22,13 +23,18 @@ NVIDIA_TFLOPS = {
 }
 
 
-def select_device(name: str, key: str = "trainer.device") -> mx.Device:
-    """Make `auto|gpu|cpu` the default device; `gpu` without one is a UserError naming the option `key`."""
+def choose_device(name: str, key: str = "trainer.device") -> mx.Device:
+    """The device `auto|gpu|cpu` names; `gpu` without one is a UserError naming the option `key`."""
     has_gpu = mx.is_available(mx.gpu)
     if name == "gpu" and not has_gpu:
         raise UserError(f"{key}=gpu but no GPU is available to MLX (Metal on a Mac, or mlx[cuda12] on NVIDIA); "
                         f"use {key}=auto or cpu")
-    device = mx.gpu if (name == "gpu" or (name == "auto" and has_gpu)) else mx.cpu
+    return mx.gpu if (name == "gpu" or (name == "auto" and has_gpu)) else mx.cpu
+
+
+def select_device(name: str, key: str = "trainer.device") -> mx.Device:
+    """Make `auto|gpu|cpu` the default device (see choose_device)."""
+    device = choose_device(name, key)
     mx.set_default_device(device)
     if device == mx.gpu and mx.metal.is_available():
         # As MLX recommends for large models: wire up to the recommended working set so weights stay resident.
@@ -36,6 +42,19 @@ def select_device(name: str, key: str = "trainer.device") -> mx.Device:
         if limit:
             mx.set_wired_limit(limit)
     return device
+
+
+def memory_bytes(device: mx.Device) -> int | None:
+    """Memory of `device`: a GPU's as MLX reports it (Metal: the unified memory; CUDA: the card's), else the machine's
+    RAM (None where neither is known)."""
+    reported = mx.device_info(device)
+    memory = reported.get("memory_size") or reported.get("total_memory")
+    if memory:
+        return int(memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # a platform without these names (Windows: no os.sysconf)
+        return None
 
 
 def on_cpu() -> bool:

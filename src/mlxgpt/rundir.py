@@ -21,6 +21,7 @@ from mlxgpt import checkpoint
 from mlxgpt.cli import fail, user_message
 from mlxgpt.config import dotted, masked_container, validate
 from mlxgpt.errors import UserError, disk_error, make_dir
+from mlxgpt.memory import check_fits
 
 LOCK_FILE = ".lock"
 PREVIOUS = ".previous_attempt"  # a used run dir's records as they were before this attempt rewrote them
@@ -262,6 +263,7 @@ class PreflightCheck(HydraCallback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         with _exit_on_user_error():
             validate(config)
+            check_fits(config)  # the warning that it may not fit is the run's own (build_trainer)
             for group in ("sweep", "hparams_search"):
                 if config.hydra.runtime.choices.get(group):
                     raise UserError(f"{group}={config.hydra.runtime.choices[group]} declares a sweep: run it with "

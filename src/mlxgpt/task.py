@@ -26,6 +26,7 @@ from mlxgpt.data import load_data
 from mlxgpt.errors import UserError, disk_error
 from mlxgpt.interrupt import Interrupted
 from mlxgpt.log import FILE_ONLY, log
+from mlxgpt.memory import check_fits
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
 from mlxgpt.pretrained import (GPT2_SIZES, exported_char_vocabulary, is_hf_dir, is_pretrained, load_pretrained,
@@ -143,6 +144,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_from: Path | None = Non
         log.warning(f"mlxgpt: trainer.dtype={t.dtype} is slow on the CPU (no BLAS for half precision): training in "
                     f"float32")
         t.dtype = "float32"  # the run records what it computes in
+    may_not_fit = check_fits(cfg)  # refused here too: a sweep's jobs (PreflightCheck checks single runs)
+    if may_not_fit:
+        log.warning(may_not_fit)
     _use_init_char_vocabulary(cfg)
     log.info(OmegaConf.to_yaml(masked_container(cfg)).rstrip())
     callbacks = [_instantiate(name, c) for name, c in cfg.callbacks.items()] + list(extra_callbacks)  # before data
