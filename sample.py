@@ -2,7 +2,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from mlxgpt.cli import exit_on_user_error, print_result, run_hydra
+from mlxgpt.cli import exit_on_user_error, print_result, print_stream, run_hydra
 from mlxgpt.config import register_configs
 
 register_configs()
@@ -13,8 +13,9 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from mlxgpt.sampling import sample
 
-    for i, text in enumerate(sample(cfg)):
-        print_result(f"--- sample {i + 1}/{cfg.num_samples} ---\n{text}")
+    for i, pieces in enumerate(sample(cfg)):
+        print_result(f"--- sample {i + 1}/{cfg.num_samples} ---")
+        print_stream(pieces)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,19 @@ def test_gpt2_ids_match_gpt2(tiktoken_cache):
     assert isinstance(tokenizer_from_meta(tok.to_meta()), GPT2Tokenizer)
 
 
+def test_gpt2_decode_stream_joins_to_decode_and_never_splits_a_character(tiktoken_cache):
+    tok = GPT2Tokenizer()
+    text = "naïve café, 日本語 and 🙂 emoji"
+    ids = tok.encode(text)
+    assert "\ufffd" in "".join(tok.decode([i]) for i in ids)  # some characters span tokens
+    pieces = list(tok.decode_stream(iter(ids)))
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    drawn = np.random.default_rng(0).integers(0, tok.vocab_size, 2000).tolist()  # any ids: invalid UTF-8 replaced
+    assert "".join(tok.decode_stream(drawn)) == tok.decode(drawn)
+    chars = CharTokenizer.from_text("ab c")
+    assert list(chars.decode_stream([1, 0, 2])) == ["a", " ", "b"]
+
+
 @pytest.mark.parametrize("text", ["hello world", "a <|endoftext|> b", "lone \ud800 surrogate", ""])
 def test_gpt2_encode_array_equals_encode_ordinary(tiktoken_cache, text):
     tok = GPT2Tokenizer()

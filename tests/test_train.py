@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +79,20 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     again = run(["sample.py", f"checkpoint={run_dir}", "prompt=def", "num_samples=2", "max_new_tokens=30",
                  "seed=3"], tmp_path).stdout
     assert again == out  # seeded
+
+    endless = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"checkpoint={run_dir}", "prompt=def",
+                                "num_samples=1", "max_new_tokens=100000000"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env={**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data")})
+    deadline = threading.Timer(120, endless.kill)  # a sample.py that prints nothing before the end: EOF, not a hang
+    deadline.start()
+    try:
+        assert endless.stdout.readline() == b"--- sample 1/1 ---\n"
+        assert endless.stdout.read(40).startswith(b"def")  # the tokens are shown as they are drawn
+        endless.send_signal(signal.SIGINT)
+        assert endless.wait(timeout=60) == 130
+    finally:
+        deadline.cancel()
+        endless.kill()
 
     refused = run(["train.py", *TINY, "trainer.max_iters=60", f"paths.log_dir={tmp_path}/logs", "run_name=r"],
                   tmp_path, check=False)

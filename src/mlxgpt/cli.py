@@ -6,7 +6,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import hydra
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -162,6 +162,17 @@ def print_result(text: str) -> None:
     """Print a command's result; a reader that stops early (`| head`) ends the process quietly, as Unix tools do."""
     try:
         print(text, flush=True)
+    except BrokenPipeError:
+        _end_quietly()
+
+
+def print_stream(pieces: Iterable[str]) -> None:
+    """print_result for text that comes in pieces (generated tokens): each is shown as soon as it arrives."""
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print(flush=True)
     except BrokenPipeError:
         _end_quietly()
 

@@ -1,6 +1,7 @@
 """Load a trained model with its tokenizer from a checkpoint and generate text."""
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 from typing import Iterator
 
@@ -33,8 +34,9 @@ def load_model(path: str | Path, which: str = "best"):
     return model, tokenizer_from_meta(state["tokenizer"]), state
 
 
-def sample(cfg) -> Iterator[str]:
-    """Yield `cfg.num_samples` generations of `cfg.max_new_tokens` tokens after `cfg.prompt` (FILE:path reads a file)."""
+def sample(cfg) -> Iterator[Iterator[str]]:
+    """Yield `cfg.num_samples` generations of `cfg.max_new_tokens` tokens after `cfg.prompt` (FILE:path reads a file),
+    each as its text's pieces: the prompt, then the text of each token as it is drawn (read each before the next)."""
     validate_sample(cfg)
     device.select_device(cfg.device, "device")
     model, tokenizer, _ = load_model(cfg.checkpoint, cfg.which)
@@ -52,4 +54,4 @@ def sample(cfg) -> Iterator[str]:
     for _ in range(cfg.num_samples):
         out = model.generate(mx.array([ids]), cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                              use_cache=cfg.use_cache, vocab_size=tokenizer.vocab_size)
-        yield prompt + tokenizer.decode(list(out))
+        yield chain([prompt], tokenizer.decode_stream(out))

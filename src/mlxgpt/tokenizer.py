@@ -1,8 +1,9 @@
 """Tokenizers behind one small interface: characters of a corpus, or GPT-2 BPE (tiktoken)."""
 from __future__ import annotations
 
+import codecs
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -43,6 +44,10 @@ class CharTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """decode() one piece per id, as the ids arrive."""
+        return (self.chars[int(i)] for i in ids)
+
     def to_meta(self) -> dict:
         return {"name": self.name, "chars": self.chars}
 
@@ -78,6 +83,15 @@ class GPT2Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._bpe.decode([int(i) for i in ids])
+
+    def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """decode() piece by piece as the ids arrive: a character whose UTF-8 bytes span tokens comes with its last."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # decode()'s errors="replace" too
+        for i in ids:
+            if text := utf8.decode(self._bpe.decode_single_token_bytes(int(i))):
+                yield text
+        if text := utf8.decode(b"", final=True):
+            yield text
 
     def to_meta(self) -> dict:
         return {"name": self.name}
