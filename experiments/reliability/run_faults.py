@@ -1,7 +1,8 @@
 """Fault injection against real `train.py` runs: kill -9 at random moments and in the middle of checkpoint writes,
-SIGINT / SIGTERM (once and twice), a failing disk, a diverging loss, a second run on the same directory, and a
-data prepare killed half-way. Every trial ends with `trainer.resume=auto` (or a rerun) and compares the loss sequence
-with the uninterrupted run's; the table counts what was lost.
+SIGINT / SIGTERM (once, twice and during an evaluation), a failing disk, a flipped bit in a checkpoint, a diverging
+loss, a second run on the same directory, and a data prepare killed half-way. Every trial ends with
+`trainer.resume=auto` (or a rerun) and compares the loss sequence with the uninterrupted run's; the table counts what
+was lost.
 
     python experiments/reliability/run_faults.py [--trials 1.0] [--work /tmp/mlxgpt-faults] > results.md
 """
@@ -30,6 +31,14 @@ CONFIG = ["model=nano", "model.n_layer=2", "model.n_embd=128", "model.n_head=4",
           "trainer.log_interval=3", "schedule.warmup_iters=5", f"schedule.decay_iters={ITERS}", "logger=none",
           "callbacks.sample.max_new_tokens=0", "callbacks.checkpoint.keep=1"]
 FILE_SIZE_LIMIT = 2_500_000  # bytes: model.safetensors (~1.7 MB) fits, optimizer.safetensors (~3.4 MB) does not
+# Evaluations of ~0.4 s (200 batches per split), over 90% of the wall time: a signal timed for one lands in it.
+LONG_EVAL = ("trainer.eval_iters=200", "trainer.max_iters=20")
+KEEP_TWO = "callbacks.checkpoint.keep=2"  # the newest checkpoint always has an older one to fall back to
+
+
+def checkpoint_dir_iter(name: str) -> int:
+    """The iteration of a checkpoint directory's name (iter_0000040, or iter_0000040-1 for a second save of it)."""
+    return int(name.removeprefix("iter_").split("-")[0])
 
 
 class Lab:
@@ -66,6 +75,12 @@ class Lab:
         return [(r["event"], r["iter"], r["train/loss"], r.get("val/loss"))
                 for r in map(json.loads, path.read_text().splitlines())]
 
+    def reference(self, *extra: str) -> list[tuple]:
+        """The loss sequence of an uninterrupted run with these settings."""
+        name = self.new_name("reference")
+        assert self.run(name, *extra).returncode == 0
+        return self.losses(name)
+
     def writing(self, name: str) -> bool:
         try:
             return any(n.startswith(".iter_") and n.endswith(".tmp") for n in os.listdir(self.ckpts(name)))
@@ -92,6 +107,23 @@ class Lab:
         latest = checkpoint.latest(self.ckpts(name))
         return json.loads((latest / "state.json").read_text())["iter"] if latest else 0
 
+    def saved_iter(self, name: str) -> int:
+        """The iteration `last` points at (-1 before the first save), from the link alone: safe to poll a live run."""
+        try:
+            return checkpoint_dir_iter(os.readlink(self.ckpts(name) / "last"))
+        except FileNotFoundError:
+            return -1
+
+    def snapshot(self, name: str) -> str:
+        """A digest of every file of the run dir (a link: its target) but the lock and the job log, which every
+        attempt writes: equal snapshots mean nothing was written."""
+        run_dir, digest = self.ckpts(name).parent, hashlib.sha256()
+        for path in sorted(run_dir.rglob("*")):
+            if (path.is_symlink() or path.is_file()) and path.name not in (".lock", "train.log"):
+                digest.update(str(path.relative_to(run_dir)).encode() + b"\0")
+                digest.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+        return digest.hexdigest()
+
     def logged_iter(self, name: str) -> int:
         path = self.work / "logs" / "runs" / name / "metrics.jsonl"
         if not path.exists():
@@ -107,11 +139,15 @@ class Lab:
             time.sleep(0.001)
         return True
 
-    def finish_and_judge(self, row: dict, name: str, reference: list) -> None:
+    def finish_and_judge(self, row: dict, name: str, reference: list, *extra: str) -> None:
         """Resume to the end; count a loss when the links broke, the resume failed or the losses differ."""
         row["trials"] += 1
         row["broken last/best"] += not self.links_whole(name)
-        done = self.run(name, "trainer.resume=auto")
+        self.resume_and_compare(row, name, reference, "trainer.resume=auto", *extra)
+
+    def resume_and_compare(self, row: dict, name: str, reference: list, *extra: str) -> None:
+        """Continue the run to the end; count a loss when it failed or its losses differ from the reference."""
+        done = self.run(name, *extra)
         row["resume failed"] += done.returncode != 0
         row["losses differ"] += done.returncode == 0 and self.losses(name) != reference
 
@@ -196,6 +232,70 @@ def sigint_twice(lab: Lab, reference: list, trials: int) -> None:
         row["killed by the 2nd"] += code == -signal.SIGINT
         row["kills mid-write"] += lab.writing(name)
         lab.finish_and_judge(row, name, reference)
+
+
+def signal_in_evaluation(lab: Lab, reference: list, trials: int) -> None:
+    """SIGINT or SIGTERM in the middle of the evaluation at a random iteration (the last one too): the run stops at
+    once, its checkpoint marks the evaluation pending (eval_pending), and the resumed run does it first."""
+    from mlxgpt import checkpoint
+
+    row = lab.rows["SIGINT/SIGTERM during an evaluation (eval_iters=200)"]
+    for k in range(trials):
+        signum = (signal.SIGINT, signal.SIGTERM)[k % 2]
+        name = lab.new_name("evalsig")
+        proc = lab.start(name, *LONG_EVAL)
+        at = 2 * int(lab.rng.integers(2, 11))  # evaluations every 2 iterations, up to max_iters=20
+        # `last` moves to the checkpoint of the evaluation before; two steps (~20 ms) later the one at `at` (~0.4 s)
+        lab.wait(proc, lambda: lab.saved_iter(name) >= at - 2)
+        time.sleep(lab.rng.uniform(0.1, 0.3))
+        proc.send_signal(signum)
+        code = proc.wait()
+        row["exit 128+n"] += code == 128 + signum
+        row["ended before the signal"] += code == 0
+        if code == 128 + signum:
+            state = checkpoint.read_state(checkpoint.latest(lab.ckpts(name)))
+            row["stopped mid-evaluation"] += state.get("eval_pending", False)
+            row["steps redone"] += max(0, lab.logged_iter(name) - lab.latest_iter(name))
+        lab.finish_and_judge(row, name, reference, *LONG_EVAL)
+
+
+def flip_a_bit(path: Path, rng: np.random.Generator) -> None:
+    """Flip a random bit of a random byte of a safetensors file's array data (past its header): the size stays."""
+    data = bytearray(path.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    data[int(rng.integers(header_end, len(data)))] ^= 1 << int(rng.integers(0, 8))
+    path.write_bytes(data)
+
+
+def bit_flip(lab: Lab, reference: list, trials: int) -> None:
+    """A run stopped (SIGINT) at a random step; one bit of its last checkpoint's model or optimizer file flipped.
+    Resuming is refused in one line naming an older checkpoint, with nothing written; resuming from that one works."""
+    from mlxgpt import checkpoint
+
+    row = lab.rows["a bit flipped in the last checkpoint (keep=2)"]
+    for k in range(trials):
+        name = lab.new_name("flip")
+        proc = lab.start(name, KEEP_TWO)
+        at = int(lab.rng.integers(4, ITERS - 4))
+        lab.wait(proc, lambda: lab.saved_iter(name) >= at)
+        proc.send_signal(signal.SIGINT)
+        row["ended before the signal"] += proc.wait() == 0
+        flipped = checkpoint.latest(lab.ckpts(name)) / checkpoint.ARRAY_FILES[k % 2]
+        flip_a_bit(flipped, lab.rng)
+        before = lab.snapshot(name)
+        refused = lab.run(name, "trainer.resume=auto", KEEP_TWO)
+        lines = refused.stderr.strip().splitlines()
+        row["trials"] += 1
+        row["exit 2, one line"] += (refused.returncode == 2 and "Traceback" not in refused.stderr
+                                    and [ln for ln in lines if ln.startswith("error: ")] == lines[-1:]
+                                    and f"{flipped} is corrupt: its contents differ" in lines[-1])
+        row["wrote nothing"] += lab.snapshot(name) == before
+        older = lines[-1].partition("use another checkpoint, e.g. ")[2] if lines else ""
+        if not older:
+            row["resume failed"] += 1
+            continue
+        row["steps redone"] += lab.logged_iter(name) - checkpoint_dir_iter(Path(older).name)
+        lab.resume_and_compare(row, name, reference, f"trainer.resume={older}", KEEP_TWO)
 
 
 def limit_file_size() -> None:
@@ -311,21 +411,23 @@ def main() -> None:
     lab = Lab(args.work, args.seed)
     n = lambda k: max(1, round(k * args.trials))  # noqa: E731
     start = time.time()
-    assert lab.run("reference").returncode == 0
-    reference = lab.losses("reference")
+    reference = lab.reference()
     kill_at_random(lab, reference, n(10))
     kill_mid_write(lab, reference, n(10))
     signal_once(lab, reference, n(8), signal.SIGINT)
     signal_once(lab, reference, n(4), signal.SIGTERM)
     sigint_twice(lab, reference, n(6))
+    signal_in_evaluation(lab, lab.reference(*LONG_EVAL), n(6))
     disk_full(lab, reference, n(3))
+    bit_flip(lab, reference, n(6))
     diverging(lab, n(2))
     second_run(lab, reference, n(3))
     prepare_killed(lab, n(5))
 
-    columns = ["trials", "kills", "kills mid-write", "exit 128+n", "killed by the 2nd", "exit 2, one line", "refused",
-               "wrote nothing", "previous kept", "last good kept", "ended before the kill", "ended before the signal",
-               "steps redone", "broken last/best", "resume failed", "losses differ", "files differ"]
+    columns = ["trials", "kills", "kills mid-write", "exit 128+n", "killed by the 2nd", "stopped mid-evaluation",
+               "exit 2, one line", "refused", "wrote nothing", "previous kept", "last good kept",
+               "ended before the kill", "ended before the signal", "steps redone", "broken last/best", "resume failed",
+               "losses differ", "files differ"]
     used = [c for c in columns if any(c in row for row in lab.rows.values())]
     print(f"| scenario | {' | '.join(used)} |\n|---|{'---|' * len(used)}")
     for scenario, row in lab.rows.items():
