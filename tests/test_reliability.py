@@ -210,14 +210,20 @@ def test_a_stop_during_the_evaluation_before_training_ends_the_run_at_once(work)
     assert not (run_dir(work, "eval_stop") / "checkpoints").exists()
 
 
+def stop_during_evaluation(work: Path, name: str, at: int, *extra: str) -> subprocess.CompletedProcess:
+    """A run of ITERS iterations stopped by a Ctrl-C in the middle of its evaluation at iteration `at`."""
+    stopped = subprocess.run([sys.executable, str(ROOT / "tests/ctrl_c_in_evaluation.py"), str(at),
+                              *train_command(work, name, f"trainer.max_iters={ITERS}", *extra)[1:]],
+                             capture_output=True, text=True, cwd=work, env=env(work), timeout=300)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    return stopped
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("at", [20, ITERS])
 def test_a_stop_during_a_later_evaluation_saves_it_as_pending_and_the_continued_run_does_it_first(work, reference, at):
     name = f"eval_stop_{at}"
-    stopped = subprocess.run([sys.executable, str(ROOT / "tests/ctrl_c_in_evaluation.py"), str(at),
-                              *train_command(work, name, f"trainer.max_iters={ITERS}")[1:]],
-                             capture_output=True, text=True, cwd=work, env=env(work), timeout=300)
-    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    stopped = stop_during_evaluation(work, name, at)
     ckpts = run_dir(work, name) / "checkpoints"
     m = re.fullmatch(r"mlxgpt: stopped by SIGINT at iteration (\d+); latest checkpoint (\S+); continue with: (.+)",
                      last_line(stopped.stderr))
@@ -231,6 +237,22 @@ def test_a_stop_during_a_later_evaluation_saves_it_as_pending_and_the_continued_
     assert continued.returncode == 0, continued.stderr[-3000:]
     assert losses(ckpts.parent) == reference
     assert checkpoint.read_state(checkpoint.latest(ckpts))["eval_pending"] is False
+
+
+@pytest.mark.slow
+def test_a_continued_run_that_fails_after_the_pending_evaluation_leaves_no_second_record_of_it(work, reference):
+    """The continued run records the pending evaluation (and its sample), then cannot save: the next one records
+    them again, and only once."""
+    samples = ["callbacks.sample.every_evals=1", "callbacks.sample.max_new_tokens=2"]  # no effect on the losses
+    stop_during_evaluation(work, "eval_stop_disk_full", 20, *samples)
+    failed = train(work, "eval_stop_disk_full", f"trainer.max_iters={ITERS}", "trainer.resume=auto", *samples,
+                   check=False, preexec_fn=limit_file_size)
+    assert_one_line_error(failed, "cannot write the checkpoint of iteration 20")
+    train(work, "eval_stop_disk_full", f"trainer.max_iters={ITERS}", "trainer.resume=auto", *samples)
+    path = run_dir(work, "eval_stop_disk_full")
+    assert losses(path) == reference
+    records = map(json.loads, (path / "samples.jsonl").read_text().splitlines())
+    assert [r["iter"] for r in records] == [0, 10, 20, 30, 40, 50, 60, 60]  # every evaluation's, then the end's
 
 
 @pytest.mark.slow

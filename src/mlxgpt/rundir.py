@@ -29,16 +29,18 @@ RECORDS = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "
 _held: dict[Path, int] = {}  # run dirs this process holds: the open lock file of each
 
 
-def start_records(path: Path, resumed_at: int | None) -> None:
+def start_records(path: Path, resumed_at: int | None, eval_pending: bool = False) -> None:
     """Ready a JSON-lines record file (each record has an "iter") for a run: on resume, drop the records past the
-    resumed iteration (the run writes them again); on a fresh start, drop all (those of an attempt killed before its
-    first checkpoint)."""
+    resumed iteration, and those of its evaluation when that is pending (the run writes them again: only its train
+    log line comes before it); on a fresh start, drop all (those of an attempt killed before its first checkpoint)."""
     if not path.exists():
         return
     kept = []
     for line in path.read_text().splitlines() if resumed_at is not None else []:
         try:
-            if json.loads(line)["iter"] <= resumed_at:
+            record = json.loads(line)
+            if record["iter"] < resumed_at or record["iter"] == resumed_at and (
+                    not eval_pending or record.get("event") == "train"):
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill, or not a record

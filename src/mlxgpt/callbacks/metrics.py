@@ -24,7 +24,7 @@ class MetricsFileCallback(Callback):
         if not trainer.is_main:
             return
         path = trainer.run_dir / self.filename
-        start_records(path, trainer.iter if trainer.resumed else None)
+        start_records(path, trainer.iter if trainer.resumed else None, trainer.eval_pending)
         self._file = open(path, "a", encoding="utf-8")
 
     def _write(self, event: str, logs: dict) -> None:

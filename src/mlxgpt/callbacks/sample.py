@@ -36,7 +36,7 @@ class SampleCallback(Callback):
         except UserError as e:
             raise UserError(f"callbacks.sample.prompt={self.prompt!r}: {e}") from None
         if trainer.is_main and trainer.resumed:  # before any sample: a resumed run has no evaluation at start
-            start_records(trainer.run_dir / RECORDS, trainer.iter)
+            start_records(trainer.run_dir / RECORDS, trainer.iter, trainer.eval_pending)
             self._records_started = True
 
     def on_eval_end(self, trainer, logs) -> None:
