@@ -230,6 +230,7 @@ def sigint_twice(lab: Lab, reference: list, trials: int) -> None:
         proc.send_signal(signal.SIGINT)
         code = proc.wait()
         row["killed by the 2nd"] += code == -signal.SIGINT
+        row["ended before the signal"] += code == 0
         row["kills mid-write"] += lab.writing(name)
         lab.finish_and_judge(row, name, reference)
 
