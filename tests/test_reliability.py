@@ -256,6 +256,21 @@ def test_a_continued_run_that_fails_after_the_pending_evaluation_leaves_no_secon
 
 
 @pytest.mark.slow
+def test_a_continued_run_samples_at_the_evaluations_the_uninterrupted_one_does(work):
+    """every_evals=2 counts the run's evaluations (0, 10, 20, 30, 40), not those since the attempt started."""
+    sampling = ["trainer.max_iters=40", "callbacks.sample.max_new_tokens=4", "callbacks.sample.every_evals=2"]
+    train(work, "sampled", *sampling)
+    stopped = subprocess.run([sys.executable, str(ROOT / "tests/ctrl_c_in_evaluation.py"), "30",
+                              *train_command(work, "sampled_stopped", *sampling)[1:]],
+                             capture_output=True, text=True, cwd=work, env=env(work), timeout=300)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    train(work, "sampled_stopped", *sampling, "trainer.resume=auto")
+    samples = [(run_dir(work, name) / "samples.jsonl").read_text() for name in ("sampled", "sampled_stopped")]
+    assert [json.loads(line)["iter"] for line in samples[0].splitlines()] == [10, 30, 40]  # the last: at the end
+    assert samples[1] == samples[0]
+
+
+@pytest.mark.slow
 def test_the_printed_command_continues_a_run_in_its_own_hydra_run_dir(work):
     custom = work / "custom_dir"
     proc = start(work, "custom", f"trainer.max_iters={ITERS}", f"hydra.run.dir={custom}")

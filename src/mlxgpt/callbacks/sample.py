@@ -11,6 +11,7 @@ from mlxgpt.log import log
 from mlxgpt.rundir import start_records
 
 RECORDS = "samples.jsonl"
+STATE_KEY = "sample_evals"  # in trainer.extra_state (checkpoints): a resumed run samples at the same evaluations
 
 
 class SampleCallback(Callback):
@@ -27,7 +28,7 @@ class SampleCallback(Callback):
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
         self.every_evals, self.print_at_end = every_evals, print_at_end
-        self._evals = 0
+        self._evals = 0  # the run's evaluations so far (every_evals counts them)
         self._records_started = False  # samples.jsonl readied for this run (see start_records)
 
     def on_train_start(self, trainer) -> None:
@@ -35,12 +36,14 @@ class SampleCallback(Callback):
             trainer.tokenizer.encode(self.prompt)  # before training, not at its end
         except UserError as e:
             raise UserError(f"callbacks.sample.prompt={self.prompt!r}: {e}") from None
+        self._evals = trainer.extra_state.get(STATE_KEY, 0)
         if trainer.is_main and trainer.resumed:  # before any sample: a resumed run has no evaluation at start
             start_records(trainer.run_dir / RECORDS, trainer.iter, trainer.eval_pending)
             self._records_started = True
 
     def on_eval_end(self, trainer, logs) -> None:
         self._evals += 1
+        trainer.extra_state[STATE_KEY] = self._evals
         if self.every_evals and self._evals % self.every_evals == 0:
             self.sample(trainer)
 
