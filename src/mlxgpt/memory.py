@@ -12,12 +12,13 @@ from mlxgpt.errors import UserError
 
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # float32 arrays per parameter: Adam's moments, SGD's momentum
 GPT2_VOCAB = 50304  # the gpt2 tokenizer's 50257 ids padded to a multiple of 64 (task._pad)
-# Activations of one token in float32 values, fitted to MLX's peak memory on the CPU (a nano model to GPT-2 124M;
-# estimate / peak 0.84-1.55 in 43 configurations): each block keeps ~30 x n_embd + 1.5 x n_head x T (attention
-# scores) for the backward pass; with trainer.grad_checkpoint, 4 x n_embd, and at most 2 blocks at once in full;
-# embeddings, the logits and the loss ~38 x n_embd + 7 x vocab_size.
+# Activations of one token in float32 values, fitted to MLX's peak memory on the CPU (a nano model to GPT-2 124M,
+# char and GPT-2 vocabularies; estimate / peak 0.88-1.30, GPT-2 124M at B=8 x 1024 included): each block keeps
+# ~30 x n_embd + 1.5 x n_head x T (attention scores) for the backward pass; with trainer.grad_checkpoint, 4 x n_embd,
+# and at most 2 blocks at once in full; embeddings, the logits and the loss ~38 x n_embd + 4 x vocab_size (the
+# logits, their gradient and the loss's temporaries).
 BLOCK_PER_EMBD, BLOCK_PER_HEAD_POSITION, CHECKPOINTED_BLOCK_PER_EMBD, RECOMPUTED_BLOCKS = 30, 1.5, 4, 2
-OUTSIDE_PER_EMBD, OUTSIDE_PER_VOCAB = 38, 7
+OUTSIDE_PER_EMBD, OUTSIDE_PER_VOCAB = 38, 4
 SURE_OVER = 2  # on the CPU a run estimated above 2x its memory is refused (the estimate was at most 1.6x the peak)
 
 
