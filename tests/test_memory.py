@@ -79,6 +79,20 @@ def test_gpt2_124m_with_the_readmes_batch_and_grad_checkpoint_fits_a_16_gb_mac_w
     assert memory.check_fits(cfg) is None
 
 
+def test_evaluating_init_from_weights_counts_no_optimizer_state(monkeypatch):
+    """trainer.eval_only with init_from loads the weights alone (GPT-2 XL's 6.2 GB evaluates on a 16 GB Mac); with
+    trainer.resume it loads the checkpoint's optimizer state too."""
+    on_a_16_gb_mac(monkeypatch)
+    evaluation = ["model=gpt2_xl", "data=shakespeare", "trainer.eval_only=true", "trainer.batch_size=1"]
+    pretrained = config(*evaluation, "init_from=gpt2-xl", base=[])
+    assert memory.check_fits(pretrained) is None
+    resumed = config(*evaluation, "trainer.resume=logs/runs/xl", base=[])
+    need = memory.memory_need(pretrained, on_gpu=True)
+    assert need.model == 4 * need.params and memory.memory_need(resumed, on_gpu=True).model == 3 * need.model
+    with pytest.raises(UserError, match=r"need at least 18.7 GB \(float32 weights, optimizer=adamw state\)"):
+        memory.check_fits(resumed)
+
+
 def test_refused_only_when_sure_warned_when_it_may_not_fit(monkeypatch):
     cfg = config()
     need = memory.memory_need(cfg, on_gpu=False)

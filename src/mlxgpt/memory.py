@@ -55,7 +55,8 @@ def memory_need(cfg: DictConfig, on_gpu: bool) -> MemoryNeed:
     m, t = cfg.model, cfg.trainer
     vocab, context = known_vocab_size(cfg), t.block_size or m.block_size
     tokens, params = t.batch_size * context, num_params(m.n_layer, m.n_embd, m.block_size, vocab, m.bias)
-    weights = 4 * params * (1 + OPTIMIZER_STATES[cfg.optimizer.name])  # the weights and the optimizer's state
+    states = OPTIMIZER_STATES[cfg.optimizer.name] if holds_optimizer_state(t) else 0
+    weights = 4 * params * (1 + states)  # the weights and the optimizer's state
     grads = 4 * params * (2 if t.gradient_accumulation_steps > 1 else 1)  # a micro-step's, and their running sum
     half = on_gpu and t.dtype != "float32"  # the CPU computes in float32 whatever trainer.dtype says
     act_bytes = 2 if half else 4  # the scores' softmax, the logits and the loss are float32 in any case
@@ -74,6 +75,12 @@ def memory_need(cfg: DictConfig, on_gpu: bool) -> MemoryNeed:
     return MemoryNeed(weights + grads, weights + max(grads, held), weights + grads + max(update, activations), params)
 
 
+def holds_optimizer_state(t: DictConfig) -> bool:
+    """Whether a run with trainer settings `t` holds optimizer state: training does, an evaluation (eval_only) only
+    when it loads a checkpoint's with trainer.resume (init_from loads the weights alone)."""
+    return not t.eval_only or t.resume not in (None, "auto")
+
+
 def check_fits(cfg: DictConfig) -> str | None:
     """UserError when the run cannot fit in its device's memory; the warning to print when it may not (else None)."""
     chosen = device.choose_device(cfg.trainer.device)
@@ -83,10 +90,12 @@ def check_fits(cfg: DictConfig) -> str | None:
     on_gpu, t = chosen == mx.gpu, cfg.trainer
     need = memory_need(cfg, on_gpu)
     where = f"the {'GPU' if on_gpu else 'CPU'}'s {available / 1e9:,.1f} GB"
+    held = ("float32 weights" + ("" if t.eval_only else ", gradients")
+            + (f", optimizer={cfg.optimizer.name} state" if holds_optimizer_state(t) else ""))
     if need.model > available:
         raise UserError(f"the model does not fit in memory: its {need.params / 1e6:,.1f}M parameters need at least "
-                        f"{need.model / 1e9:,.1f} GB (float32 weights, gradients, optimizer={cfg.optimizer.name} "
-                        f"state), more than {where}; use a smaller model (model.n_layer, model.n_embd)")
+                        f"{need.model / 1e9:,.1f} GB ({held}), more than {where}; use a smaller model "
+                        f"(model.n_layer, model.n_embd)")
     micro_batch = f"a micro-batch of {t.batch_size} x {t.block_size or cfg.model.block_size} tokens"
     smaller_batch = "lower trainer.batch_size" + (
         "" if t.eval_only else " (more trainer.gradient_accumulation_steps keep the tokens per step)")
