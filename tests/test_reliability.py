@@ -220,6 +220,22 @@ def stop_during_evaluation(work: Path, name: str, at: int, *extra: str) -> subpr
 
 
 @pytest.mark.slow
+def test_sigterm_while_the_data_is_prepared_stops_as_ctrl_c_does_and_leaves_no_prepared_directory(work):
+    (work / "sigterm.txt").write_text("a text to tokenize\n" * 100)
+    data_dir = work / "sigterm_data"
+    stopped = subprocess.run([sys.executable, str(ROOT / "tests/sigterm_in_prepare.py"),
+                              *train_command(work, "sigterm_prepare", "data=text", "data.path=sigterm.txt")[1:]],
+                             capture_output=True, text=True, cwd=work, env=env(work, MLXGPT_DATA_DIR=str(data_dir)),
+                             timeout=300)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert last_line(stopped.stderr).startswith("mlxgpt: stopped by SIGTERM before training started; no checkpoint "
+                                                "saved; continue with: python ")
+    assert list((data_dir / "prepared").iterdir()) == []
+    result = json.loads((run_dir(work, "sigterm_prepare") / "result.json").read_text())
+    assert result["status"] == "interrupted"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("at", [20, ITERS])
 def test_a_stop_during_a_later_evaluation_saves_it_as_pending_and_the_continued_run_does_it_first(work, reference, at):
     name = f"eval_stop_{at}"

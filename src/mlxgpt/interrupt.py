@@ -2,6 +2,7 @@
 saves a checkpoint); a second one ends the process at once, which is safe because checkpoint writes are atomic."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -56,3 +57,22 @@ class StopSignals:
             return self.signum
         anyone = mx.distributed.all_sum(mx.array(self.signum or 0), group=group).item()
         return self.signum or (signal.SIGTERM if anyone else None)
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+    """Outside the training loop (data, model), SIGTERM stops the job as Ctrl-C does: Interrupted is raised, so the work
+    under way cleans up and the job is recorded as interrupted; a second SIGTERM ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():  # Python lets only the main thread set handlers
+        yield
+        return
+
+    def stop(signum: int, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Interrupted(signum, None)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

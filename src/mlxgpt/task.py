@@ -24,7 +24,7 @@ from mlxgpt.cli import EXIT_USER_ERROR, report_failed_jobs
 from mlxgpt.config import masked_container, validate
 from mlxgpt.data import load_data
 from mlxgpt.errors import UserError, disk_error
-from mlxgpt.interrupt import Interrupted
+from mlxgpt.interrupt import Interrupted, sigterm_stops
 from mlxgpt.log import FILE_ONLY, log
 from mlxgpt.memory import check_fits
 from mlxgpt.model import GPT, GPTConfig
@@ -53,13 +53,14 @@ def train(cfg: DictConfig) -> float:
     try:
         if is_main_process():
             lock_run_dir(run_dir)  # a single run holds it since PreflightCheck; a multirun job takes it here
-        summary = _train(cfg, run_dir, multirun)
+        with sigterm_stops():  # the training loop has its own terms (StopSignals)
+            summary = _train(cfg, run_dir, multirun)
     except AlreadyFinished as e:  # nothing done: the run's records stay as they were
         log.info(f"mlxgpt: {e}")
         if holds_lock(run_dir):
             settle_records(run_dir, failed=True)
         return e.best_val_loss
-    except (Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C outside the loop (data, model): stopped all the same
+    except (Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C or SIGTERM outside the loop (data, model): stopped too
         e = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT, None)
         _write_failure(run_dir, {"status": "interrupted", "iter": e.iteration})
         if is_main_process():
