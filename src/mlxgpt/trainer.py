@@ -61,7 +61,6 @@ class Trainer:
         self.eval_pending = False  # a signal stopped the evaluation of this iteration: a continued run does it first
         self._signals: StopSignals | None = None  # while fit() runs: the stop requests (SIGINT, SIGTERM)
         self.resume_from = resume_from
-        self.changed_settings: list[str] = []  # `key=now (was before)`: what the run changes from its checkpoint's
         self.optimizer.init(self.model.trainable_parameters())
         if resume_from is not None:
             self._restore(resume_from)
@@ -95,17 +94,16 @@ class Trainer:
         self.extra_state = state.get("extra", {})
         self.eval_pending = state.get("eval_pending", False)
         mx.eval(self.model.parameters(), self.optimizer.state)
-        if not self.cfg.trainer.eval_only:
-            self.changed_settings = changed_settings(state["config"], self.cfg)
         if self.is_main:
-            self._warn_changed_settings(ckpt)
+            self._warn_changed_settings(ckpt, state)
             self._warn_other_world(ckpt, state)
 
-    def _warn_changed_settings(self, ckpt: Path) -> None:
+    def _warn_changed_settings(self, ckpt: Path, state: dict) -> None:
         """Warn when the run continues with settings its checkpoint was not trained with (lr, seed, batch...)."""
-        if self.changed_settings:
+        changed = [] if self.cfg.trainer.eval_only else changed_settings(state["config"], self.cfg)
+        if changed:
             log.warning(f"mlxgpt: warning: continuing {ckpt} with settings it was not trained with: "
-                        f"{', '.join(self.changed_settings)}; the run's config now records these")
+                        f"{', '.join(changed)}; the run's config now records these")
 
     def _load_optimizer_state(self, ckpt: Path, state: dict) -> None:
         """The checkpoint's optimizer state; UserError unless it has this optimizer's arrays (names and shapes)."""

@@ -13,11 +13,16 @@ from mlxgpt.callbacks.base import Callback
 from mlxgpt.callbacks.sample import RECORDS as SAMPLES
 from mlxgpt.config import dotted, masked_container
 from mlxgpt.log import log
-from mlxgpt.rundir import own_checkpoint
+from mlxgpt.rundir import SAME_MATH_KEYS, own_checkpoint
 
 RUN_ID_KEY = "wandb_run_id"  # in trainer.extra_state, so a resumed run continues the same W&B run
-LOGGED_FILE = "logged.json"  # in the run dir's wandb/: the W&B run's id and the last iteration of each kind of row
-# that its ended attempts logged (a resumed run does not log those again)
+LOGGED_FILE = "logged.json"  # in the run dir's wandb/: the W&B run's id, the last iteration of each kind of row
+# that its ended attempts logged (a resumed run does not log those again) and the settings they logged them with
+# Settings that leave a run's rows as they were: where it runs, how it computes its steps, the callbacks but those
+# whose rows it logs (ROW_CALLBACKS). Others change the rows' values (lr; a longer trainer.max_iters decays the lr
+# later) or their iterations (trainer.log_interval).
+SAME_ROWS_KEYS = ("trainer.resume", "trainer.device", "logger.", "paths.", "hydra.", "callbacks.", *SAME_MATH_KEYS)
+ROW_CALLBACKS = ("callbacks.evaluation.", "callbacks.sample.")
 UNREACHABLE: list[str] = []  # why W&B could not be reached online by a job of this process (then the rest log offline)
 OFFLINE = "logging offline; upload later with `wandb sync`"
 
@@ -34,6 +39,7 @@ class WandbCallback(Callback):
         self._sample_rows: list[list[Any]] = []
         self._logged: dict[str, int] = {}  # kind of history row (train, eval, samples) -> the last iteration logged
         self._logged_file: Path | None = None
+        self._settings: dict[str, Any] = {}  # row_settings of this run
 
     def needs_state(self, trainer, iteration: int) -> bool:
         return False  # its step events only log
@@ -104,9 +110,8 @@ class WandbCallback(Callback):
         trainer.extra_state[RUN_ID_KEY] = self.run.id
         if trainer.resumed:  # the samples table goes on from those of the earlier attempts
             self._sample_rows = earlier_samples(trainer.run_dir / SAMPLES)
-        self._logged_file = trainer.run_dir / "wandb" / LOGGED_FILE
-        if not trainer.changed_settings:  # else the rows past the checkpoint differ from those logged before
-            self._logged = logged_rows(self._logged_file, self.run.id)
+        self._logged_file, self._settings = trainer.run_dir / "wandb" / LOGGED_FILE, row_settings(trainer.cfg)
+        self._logged = logged_rows(self._logged_file, self.run.id, self._settings)
         self.run.define_metric("iter")  # the x-axis of every chart; `tokens` is logged beside it as the other one
         self.run.define_metric("*", step_metric="iter")
         self.run.define_metric("val/loss", step_metric="iter", summary="min,last")  # best/val_loss: the running min
@@ -152,7 +157,7 @@ class WandbCallback(Callback):
     def _end(self, run, exit_code: int) -> None:
         """Finish the run, then record the rows it holds (atomically). Not before: W&B writes a run's file in blocks,
         so a run killed (kill -9) loses its last rows, which the resumed run logs again."""
-        logged = json.dumps({"run_id": run.id, "rows": self._logged})
+        logged = json.dumps({"run_id": run.id, "rows": self._logged, "settings": self._settings})
         run.finish(exit_code=exit_code)
         tmp = self._logged_file.with_name(f".{LOGGED_FILE}.tmp")
         tmp.write_text(logged)
@@ -191,11 +196,18 @@ def earlier_samples(path: Path) -> list[list[Any]]:
     return rows
 
 
-def logged_rows(path: Path, run_id: str) -> dict[str, int]:
-    """The last iteration of each kind of row that earlier attempts logged to W&B run `run_id` (none for a new run)."""
+def row_settings(cfg) -> dict[str, Any]:
+    """The settings that decide the rows a run logs (all but SAME_ROWS_KEYS, ROW_CALLBACKS included)."""
+    return {k: v for k, v in dotted(masked_container(cfg)).items()
+            if not k.startswith(SAME_ROWS_KEYS) or k.startswith(ROW_CALLBACKS)}
+
+
+def logged_rows(path: Path, run_id: str, settings: dict[str, Any]) -> dict[str, int]:
+    """The last iteration of each kind of row that earlier attempts logged to W&B run `run_id` with these `settings`
+    (none for a new run, or for rows logged with other settings: this run's rows differ from them)."""
     try:
         logged = json.loads(path.read_text())
-        return dict(logged["rows"]) if logged["run_id"] == run_id else {}
+        return dict(logged["rows"]) if logged["run_id"] == run_id and logged["settings"] == settings else {}
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or not ours
         return {}
 
