@@ -208,13 +208,19 @@ def signal_once(lab: Lab, reference: list, trials: int, signum: int) -> None:
         proc = lab.start(name)
         lab.wait(proc, lambda: (lab.ckpts(name) / "last").exists())
         time.sleep(lab.rng.uniform(0.0, 1.0))
-        proc.send_signal(signum)
-        code = proc.wait()
-        row["exit 128+n"] += code == 128 + signum
-        row["ended before the signal"] += code == 0
-        if code == 128 + signum:
-            row["steps redone"] += max(0, lab.logged_iter(name) - lab.latest_iter(name))  # the stopped step is saved
+        send_and_count(lab, row, name, proc, signum)
         lab.finish_and_judge(row, name, reference)
+
+
+def send_and_count(lab: Lab, row: dict, name: str, proc, signum: int) -> bool:
+    """Send one stop signal; count in `row` how the run ended and the steps its resume redoes. Whether it stopped."""
+    proc.send_signal(signum)
+    code = proc.wait()
+    row["exit 128+n"] += code == 128 + signum
+    row["ended before the signal"] += code == 0
+    if code == 128 + signum:
+        row["steps redone"] += max(0, lab.logged_iter(name) - lab.latest_iter(name))  # the stopped step is saved
+    return code == 128 + signum
 
 
 def sigint_twice(lab: Lab, reference: list, trials: int) -> None:
@@ -249,14 +255,9 @@ def signal_in_evaluation(lab: Lab, reference: list, trials: int) -> None:
         # `last` moves to the checkpoint of the evaluation before; two steps (~20 ms) later the one at `at` (~0.4 s)
         lab.wait(proc, lambda: lab.saved_iter(name) >= at - 2)
         time.sleep(lab.rng.uniform(0.1, 0.3))
-        proc.send_signal(signum)
-        code = proc.wait()
-        row["exit 128+n"] += code == 128 + signum
-        row["ended before the signal"] += code == 0
-        if code == 128 + signum:
+        if send_and_count(lab, row, name, proc, signum):
             state = checkpoint.read_state(checkpoint.latest(lab.ckpts(name)))
             row["stopped mid-evaluation"] += state.get("eval_pending", False)
-            row["steps redone"] += max(0, lab.logged_iter(name) - lab.latest_iter(name))
         lab.finish_and_judge(row, name, reference, *LONG_EVAL)
 
 
