@@ -47,14 +47,18 @@ def select_device(name: str, key: str = "trainer.device") -> mx.Device:
 def memory_bytes(device: mx.Device) -> int | None:
     """Memory of `device`: a GPU's as MLX reports it (Metal: the unified memory; CUDA: the card's), else the machine's
     RAM (None where neither is known)."""
-    reported = mx.device_info(device)
-    memory = reported.get("memory_size") or reported.get("total_memory")
+    memory = reported_memory(mx.device_info(device))
     if memory:
         return int(memory)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # a platform without these names (Windows: no os.sysconf)
         return None
+
+
+def reported_memory(device_info: dict) -> int | None:
+    """The memory in an `mx.device_info()`: Metal's unified memory, or a CUDA card's (none for the CPU)."""
+    return device_info.get("memory_size") or device_info.get("total_memory")
 
 
 def on_cpu() -> bool:
@@ -73,7 +77,7 @@ def info() -> dict:
     """Backend, chip/GPU name, memory in GB and the BLAS in use (CPU)."""
     raw = mx.device_info()
     name = raw.get("device_name") or raw.get("architecture") or platform.processor() or "unknown"
-    memory = raw.get("memory_size") or raw.get("total_memory")
+    memory = reported_memory(raw)
     out = {"backend": backend(), "name": str(name), "memory_gb": round(memory / 1e9, 1) if memory else None}
     if out["backend"] == "cpu":
         out["blas"] = blas.describe()
