@@ -53,10 +53,11 @@ class StopSignals:
 
     def requested(self, group=None) -> int | None:
         """The signal to stop on, agreed by every process of `group` (a collective: call it on all ranks)."""
+        mine = self.signum  # read once: a signal handled during the collective must not change this rank's answer
         if group is None or group.size() == 1:
-            return self.signum
-        anyone = mx.distributed.all_sum(mx.array(self.signum or 0), group=group).item()
-        return self.signum or (signal.SIGTERM if anyone else None)
+            return mine
+        anyone = mx.distributed.all_sum(mx.array(mine or 0), group=group).item()
+        return mine or (signal.SIGTERM if anyone else None)
 
 
 @contextlib.contextmanager
