@@ -134,6 +134,7 @@ def test_a_run_resumed_after_a_crash_logs_each_iteration_to_wandb_once(tmp_path)
     (full_file,), files = (find_run_files(tmp_path / f"logs/runs/{name}/wandb") for name in ("full", "r"))
     full, (crashed, resumed) = read_run(full_file), map(read_run, files)
     assert crashed.run_id == resumed.run_id and max(crashed.values("iter")) == 7 and crashed.exit_code == 1
+    assert "injected crash" in crashed.summary["error"] and resumed.summary_removed == ["error"]  # W&B merges the summaries
     for key in ("train/loss", "val/loss", "samples.path"):
         rows = [(row["iter"], row[key]) for run in (crashed, resumed) for row in run.history if key in row]
         expected = [(row["iter"], row[key]) for row in full.history if key in row]

@@ -68,6 +68,7 @@ class OfflineRun:
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    summary_removed: list[str] = field(default_factory=list)  # keys this file deletes from the run's summary
     metrics: dict[str, Any] = field(default_factory=dict)  # define_metric: name -> its MetricRecord
     artifacts: list[Any] = field(default_factory=list)  # ArtifactRecords (type, name, aliases, manifest)
     exit_code: int | None = None
@@ -94,6 +95,9 @@ def read_run(path: str | Path) -> OfflineRun:
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[_key(item)] = json.loads(item.value_json)
+            for item in record.summary.remove:
+                run.summary.pop(_key(item), None)
+                run.summary_removed.append(_key(item))
         elif kind == "metric":
             run.metrics[record.metric.name or record.metric.glob_name] = record.metric
         elif kind == "artifact":

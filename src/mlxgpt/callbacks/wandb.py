@@ -108,6 +108,8 @@ class WandbCallback(Callback):
             log.warning(f"mlxgpt: warning: W&B is unreachable ({UNREACHABLE[0]}): {OFFLINE}")
             self.run = wandb.init(mode="offline", **run)
         trainer.extra_state[RUN_ID_KEY] = self.run.id
+        if run_id:  # an earlier attempt's error does not describe this one (W&B keeps a resumed run's summary)
+            del self.run.summary["error"]
         if trainer.resumed:  # the samples table goes on from those of the earlier attempts
             self._sample_rows = earlier_samples(trainer.run_dir / SAMPLES)
         self._logged_file, self._settings = trainer.run_dir / "wandb" / LOGGED_FILE, row_settings(trainer.cfg)
