@@ -1,6 +1,7 @@
 """Data parallel: 2 ranks (mlx.launch, ring backend over loopback) train exactly as 1 rank with the same global batch."""
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -9,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+
+from mlxgpt import device
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=nano", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
@@ -198,6 +202,21 @@ def test_a_submitit_trial_of_an_optuna_search_stopped_by_slurm_says_how_to_conti
     assert command[:6] == ["python", str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
                            "hydra.sweeper.n_trials=1", "hparams_search=lr_depth_optuna"]
     assert command[-2:] == [f"hydra.sweep.dir={job.parent}", "trainer.resume=auto"]
+
+
+@pytest.mark.skipif(not LAUNCH.exists() or sys.platform != "linux", reason="needs mlx.launch (and Linux's rlimit)")
+def test_two_ranks_on_one_machine_each_check_their_model_against_half_its_memory(tmp_path):
+    """A model whose weights, gradients and AdamW state take 3/4 of the RAM fits one process, not two: refused in one
+    line per rank before anything is written (the ranks once each counted the whole RAM, and went on to swap)."""
+    params_per_layer = 12 * 32 * 32 + 13 * 32  # TINY's n_embd=32
+    n_layer = int(0.75 * device.memory_bytes(mx.cpu) / 16 / params_per_layer)  # 16 bytes per parameter
+    proc = subprocess.run([str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
+                           sys.executable, str(ROOT / "train.py"), *TINY, f"model.n_layer={n_layer}", "logger=none",
+                           f"paths.log_dir={tmp_path}/logs"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)))
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("error: the model does not fit")]
+    assert len(refusals) == 2 and "GB / 2 (the ranks on this machine share it); use a smaller model" in refusals[0]
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == [], proc.stderr[-3000:]
 
 
 @pytest.mark.skipif(not LAUNCH.exists(), reason="needs mlx.launch beside the Python interpreter")

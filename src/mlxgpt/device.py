@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
+import zlib
 
 import mlx.core as mx
 
@@ -54,6 +56,17 @@ def memory_bytes(device: mx.Device) -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # a platform without these names (Windows: no os.sysconf)
         return None
+
+
+def ranks_sharing_memory(device: mx.Device) -> int:
+    """How many processes of this run (mlx.launch ranks) share `device`'s memory: those on this machine, unless it is
+    a CUDA GPU (each rank has its own). A collective: every rank calls it."""
+    group = mx.distributed.init()
+    if group.size() == 1 or (device == mx.gpu and not mx.metal.is_available()):
+        return 1
+    host = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
+    hosts = mx.distributed.all_gather(mx.array([host], dtype=mx.int32), group=group)
+    return int(mx.sum(hosts == host).item())
 
 
 def reported_memory(device_info: dict) -> int | None:

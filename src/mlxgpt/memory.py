@@ -82,14 +82,18 @@ def holds_optimizer_state(t: DictConfig) -> bool:
 
 
 def check_fits(cfg: DictConfig) -> str | None:
-    """UserError when the run cannot fit in its device's memory; the warning to print when it may not (else None)."""
+    """UserError when the run cannot fit in its device's memory (a rank: in its share); the warning to print when it may
+    not (else None). A collective under mlx.launch: every rank calls it."""
     chosen = device.choose_device(cfg.trainer.device)
-    available = device.memory_bytes(chosen)
+    available, ranks = device.memory_bytes(chosen), device.ranks_sharing_memory(chosen)
     if available is None:
         return None
     on_gpu, t = chosen == mx.gpu, cfg.trainer
     need = memory_need(cfg, on_gpu)
     where = f"the {'GPU' if on_gpu else 'CPU'}'s {available / 1e9:,.1f} GB"
+    if ranks > 1:
+        where = f"{where} / {ranks} (the ranks on this machine share it)"
+        available //= ranks
     held = ("float32 weights" + ("" if t.eval_only else ", gradients")
             + (f", optimizer={cfg.optimizer.name} state" if holds_optimizer_state(t) else ""))
     if need.model > available:
