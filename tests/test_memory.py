@@ -46,8 +46,10 @@ def test_the_parameter_count_from_the_sizes_is_the_models(bias):
 
 
 @pytest.mark.parametrize("extra", [[], ["model.n_layer=4", "trainer.grad_checkpoint=true"],
-                                   ["model.vocab_size=50304", "model.block_size=128"]],
-                         ids=["plain", "grad_checkpoint", "gpt2_vocabulary"])
+                                   ["model.vocab_size=50304", "model.block_size=128"],
+                                   ["model.n_embd=256", "model.n_layer=4", "trainer.batch_size=2", "trainer.cpu_streams=2",
+                                    "trainer.gradient_accumulation_steps=2"]],
+                         ids=["plain", "grad_checkpoint", "gpt2_vocabulary", "streams_weights_dominate"])
 def test_the_estimate_is_near_the_measured_peak_and_the_minimum_below_it(tmp_path, monkeypatch, default_device,
                                                                           extra):
     monkeypatch.setenv("MLXGPT_DATA_DIR", str(tmp_path / "data"))

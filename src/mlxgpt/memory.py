@@ -71,7 +71,8 @@ def memory_need(cfg: DictConfig, on_gpu: bool) -> MemoryNeed:
     per_token = act_bytes * per_embd * m.n_embd + 4 * (full * BLOCK_PER_HEAD_POSITION * m.n_head * context
                                                        + OUTSIDE_PER_VOCAB * vocab)
     activations = int(tokens * per_token) + (2 * params if half else 0)  # + the weights' half-precision copies
-    update = weights  # the optimizer writes new weights and state beside the old ones
+    update = weights  # the optimizer writes new weights and state beside the old ones (cpu_streams' per-part
+    # gradients are freed by then: measured, they leave the peak unchanged)
     return MemoryNeed(weights + grads, weights + max(grads, held), weights + grads + max(update, activations), params)
 
 
