@@ -49,19 +49,22 @@ class Lab:
         self.env = {**os.environ, "MLXGPT_DATA_DIR": str(work / "data")}
         self.rows: dict[str, dict] = defaultdict(lambda: defaultdict(int))
 
-    def command(self, name: str, *extra: str) -> list[str]:
+    def command(self, name: str, *extra: str, ranks: int = 1) -> list[str]:
+        """train.py's command line; with ranks > 1, under mlx.launch (ring backend over loopback)."""
         iters = [] if any(e.startswith("trainer.max_iters=") for e in extra) else [f"trainer.max_iters={ITERS}"]
-        return [sys.executable, str(ROOT / "train.py"), *CONFIG, *iters, f"paths.log_dir={self.work}/logs",
+        launch = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(ranks), "--backend", "ring",
+                  "--starting-port", str(int(self.rng.integers(20000, 60000))), "--"] if ranks > 1 else []
+        return [*launch, sys.executable, str(ROOT / "train.py"), *CONFIG, *iters, f"paths.log_dir={self.work}/logs",
                 f"run_name={name}", *extra]
 
-    def run(self, name: str, *extra: str, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(name, *extra), cwd=self.work, env=self.env, capture_output=True,
-                              text=True, timeout=600, **kw)
+    def run(self, name: str, *extra: str, ranks: int = 1, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(name, *extra, ranks=ranks), cwd=self.work, env=self.env,
+                              capture_output=True, text=True, timeout=600, **kw)
 
-    def start(self, name: str, *extra: str) -> subprocess.Popen:
+    def start(self, name: str, *extra: str, ranks: int = 1) -> subprocess.Popen:
         err = open(self.work / f"{name}.err", "a")
-        return subprocess.Popen(self.command(name, *extra), cwd=self.work, env=self.env, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        return subprocess.Popen(self.command(name, *extra, ranks=ranks), cwd=self.work, env=self.env,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
     def new_name(self, kind: str) -> str:
         self.n += 1
@@ -75,10 +78,10 @@ class Lab:
         return [(r["event"], r["iter"], r["train/loss"], r.get("val/loss"))
                 for r in map(json.loads, path.read_text().splitlines())]
 
-    def reference(self, *extra: str) -> list[tuple]:
+    def reference(self, *extra: str, ranks: int = 1) -> list[tuple]:
         """The loss sequence of an uninterrupted run with these settings."""
         name = self.new_name("reference")
-        assert self.run(name, *extra).returncode == 0
+        assert self.run(name, *extra, ranks=ranks).returncode == 0
         return self.losses(name)
 
     def writing(self, name: str) -> bool:
@@ -145,10 +148,10 @@ class Lab:
         row["broken last/best"] += not self.links_whole(name)
         self.resume_and_compare(row, name, reference, "trainer.resume=auto", *extra)
 
-    def resume_and_compare(self, row: dict, name: str, reference: list, *extra: str) -> None:
+    def resume_and_compare(self, row: dict, name: str, reference: list, *extra: str, ranks: int = 1) -> None:
         """Continue the run to the end; count a loss when it failed or its losses differ from the reference."""
-        done = self.run(name, *extra)
-        row["resume failed"] += done.returncode != 0
+        done = self.run(name, *extra, ranks=ranks)
+        row["resume failed"] += done.returncode != 0 or "exited with code" in done.stderr  # mlx.launch exits 0
         row["losses differ"] += done.returncode == 0 and self.losses(name) != reference
 
 
@@ -221,6 +224,32 @@ def send_and_count(lab: Lab, row: dict, name: str, proc, signum: int) -> bool:
     if code == 128 + signum:
         row["steps redone"] += max(0, lab.logged_iter(name) - lab.latest_iter(name))  # the stopped step is saved
     return code == 128 + signum
+
+
+def sigterm_one_rank(lab: Lab, reference: list, trials: int) -> None:
+    """A 2-rank run (mlx.launch): SIGTERM to one rank alone (rank 0 or 1) at a random moment, as from `kill` or a
+    scheduler. Both ranks must stop at the same iteration, within 2 minutes, then the run resumes on 2 ranks."""
+    row = lab.rows["SIGTERM to one rank of 2 (mlx.launch)"]
+    for k in range(trials):
+        name = lab.new_name("onerank")
+        proc = lab.start(name, ranks=2)
+        lab.wait(proc, lambda: (lab.ckpts(name) / "last").exists())
+        time.sleep(lab.rng.uniform(0.0, 1.0))
+        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(sorted(ranks, key=int)[k % 2]), signal.SIGTERM)  # the ranks start in order: the lower pid is 0
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            row["hung"] += 1
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        err = (lab.work / f"{name}.err").read_text()
+        row["ended before the signal"] += "exited with code" not in err
+        row["both ranks stopped (exit 143)"] += all(f"rank {r} exited with code 143" in err for r in (0, 1))
+        row["steps redone"] += max(0, lab.logged_iter(name) - lab.latest_iter(name))
+        row["trials"] += 1
+        row["broken last/best"] += not lab.links_whole(name)
+        lab.resume_and_compare(row, name, reference, "trainer.resume=auto", ranks=2)
 
 
 def sigint_twice(lab: Lab, reference: list, trials: int) -> None:
@@ -419,6 +448,7 @@ def main() -> None:
     signal_once(lab, reference, n(8), signal.SIGINT)
     signal_once(lab, reference, n(4), signal.SIGTERM)
     sigint_twice(lab, reference, n(6))
+    sigterm_one_rank(lab, lab.reference(ranks=2), n(6))
     signal_in_evaluation(lab, lab.reference(*LONG_EVAL), n(6))
     disk_full(lab, reference, n(3))
     bit_flip(lab, reference, n(6))
@@ -426,7 +456,8 @@ def main() -> None:
     second_run(lab, reference, n(3))
     prepare_killed(lab, n(5))
 
-    columns = ["trials", "kills", "kills mid-write", "exit 128+n", "killed by the 2nd", "stopped mid-evaluation",
+    columns = ["trials", "kills", "kills mid-write", "exit 128+n", "killed by the 2nd", "both ranks stopped (exit 143)",
+               "hung", "stopped mid-evaluation",
                "exit 2, one line", "refused", "wrote nothing", "previous kept", "last good kept",
                "ended before the kill", "ended before the signal", "steps redone", "broken last/best", "resume failed",
                "losses differ", "files differ"]

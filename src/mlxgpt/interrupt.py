@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
+from typing import NoReturn
 
 import mlx.core as mx
 
@@ -58,6 +60,16 @@ class StopSignals:
             return mine
         anyone = mx.distributed.all_sum(mx.array(mine or 0), group=group).item()
         return mine or (signal.SIGTERM if anyone else None)
+
+
+def exit_together(code: int) -> NoReturn:
+    """Exit with `code` once every process of this distributed run (mlx.launch) is ready to: mlx.launch terminates the
+    others when one exits, which killed rank 0 while it wrote the run's records, or while it exited (code -15)."""
+    group = mx.distributed.init()
+    if group.size() > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(0), group=group))
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 @contextlib.contextmanager

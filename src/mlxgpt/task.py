@@ -24,7 +24,7 @@ from mlxgpt.cli import EXIT_USER_ERROR, report_failed_jobs
 from mlxgpt.config import masked_container, validate
 from mlxgpt.data import load_data
 from mlxgpt.errors import UserError, disk_error
-from mlxgpt.interrupt import Interrupted, sigterm_stops
+from mlxgpt.interrupt import Interrupted, exit_together, sigterm_stops
 from mlxgpt.log import FILE_ONLY, log
 from mlxgpt.memory import check_fits
 from mlxgpt.model import GPT, GPTConfig
@@ -70,6 +70,8 @@ def train(cfg: DictConfig) -> float:
             resume = "auto" if saved or start in (None, "auto") else start  # else: another run's checkpoint
             log.warning(f"mlxgpt: {e}; {f'latest checkpoint {saved}' if saved else 'no checkpoint saved'}; continue "
                         f"with{launch}: {resume_command(cfg.run_name, multirun, resume)}")
+        if e.iteration is not None:  # stopped in the training loop, where the ranks agreed to
+            exit_together(e.exit_code)
         sys.exit(e.exit_code)
     except BaseException as exc:
         e = disk_error(exc) or exc

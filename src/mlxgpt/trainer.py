@@ -346,8 +346,6 @@ class Trainer:
                 self.emit("on_train_end", dict(self.summary))
             except BaseException as exc:
                 self.emit("on_exception", exc)
-                if isinstance(exc, Interrupted) and self.world > 1:  # every rank waits for rank 0's save
-                    mx.eval(mx.distributed.all_sum(mx.array(0), group=self.group))
                 raise
             finally:
                 self._signals = None
