@@ -227,7 +227,7 @@ def test_a_signal_to_one_rank_while_the_ranks_agree_on_stopping_stops_both_at_th
     then waits for rank 0's records (mlx.launch ends the other ranks when one exits: rank 0 was killed writing them)."""
     env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data"), "OPENBLAS_NUM_THREADS": "1"}
     stopped = subprocess.run([str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
-                              sys.executable, str(ROOT / "tests/signal_in_stop_agreement.py"), "3",
+                              sys.executable, str(ROOT / "tests/slow_rank0_records.py"), "3",
                               str(ROOT / "train.py"), *TINY, "logger=none", "trainer.max_iters=100000",
                               "trainer.eval_interval=1000", f"paths.log_dir={tmp_path}/logs", "run_name=two"],
                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
@@ -238,6 +238,20 @@ def test_a_signal_to_one_rank_while_the_ranks_agree_on_stopping_stops_both_at_th
     train(tmp_path, "two", ["logger=none", "trainer.max_iters=6", "trainer.eval_interval=1000",
                             "trainer.resume=auto"], ranks=2)
     assert [r[:2] for r in metrics(two)][-4:] == [("train", 4), ("train", 5), ("train", 6), ("eval", 6)]
+
+
+@pytest.mark.skipif(not LAUNCH.exists(), reason="needs mlx.launch beside the Python interpreter")
+def test_two_ranks_whose_loss_diverges_both_fail_after_rank_0_recorded_it(tmp_path):
+    """Every rank finds the (all-reduced) loss non-finite at the same iteration; rank 1, which writes nothing, waits for
+    rank 0's records (mlx.launch ends the other ranks when one exits: rank 0 was killed writing them)."""
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data"), "OPENBLAS_NUM_THREADS": "1"}
+    failed = subprocess.run([str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
+                             sys.executable, str(ROOT / "tests/slow_rank0_records.py"), str(ROOT / "train.py"), *TINY,
+                             "logger=none", "optimizer.lr=1e30", "schedule=constant", f"paths.log_dir={tmp_path}/logs",
+                             "run_name=two"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    result = json.loads((tmp_path / "logs/runs/two/result.json").read_text())
+    assert result["status"] == "failed" and "became non-finite at iteration" in result["error"], failed.stderr
+    assert "rank 0 exited with code 2" in failed.stderr and "rank 1 exited with code 2" in failed.stderr
 
 
 @pytest.mark.skipif(not LAUNCH.exists(), reason="needs mlx.launch beside the Python interpreter")

@@ -34,7 +34,7 @@ from mlxgpt.pretrained import (GPT2_SIZES, exported_char_vocabulary, is_hf_dir, 
 from mlxgpt.rundir import (check_same_job, check_start, holds_lock, is_main_process, lock_run_dir,
                            resume_command, settle_records, unlock_run_dir)
 from mlxgpt.sweep import write_summary
-from mlxgpt.trainer import Trainer, load_weights
+from mlxgpt.trainer import NonFiniteLoss, Trainer, load_weights
 
 
 
@@ -82,6 +82,8 @@ def train(cfg: DictConfig) -> float:
             return math.inf  # optuna rejects NaN; the basic sweeper ignores the value
         if isinstance(e, UserError):
             log.error(f"error: {e}")  # one line (Hydra would add its own report)
+            if isinstance(e, NonFiniteLoss):  # every rank found the (all-reduced) loss non-finite at this iteration
+                exit_together(EXIT_USER_ERROR)
             sys.exit(EXIT_USER_ERROR)
         log.error(traceback.format_exc().rstrip(), extra=FILE_ONLY)  # the console gets it from Python
         raise
