@@ -1,8 +1,8 @@
 """Fault injection against real `train.py` runs: kill -9 at random moments and in the middle of checkpoint writes,
-SIGINT / SIGTERM (once, twice and during an evaluation), a failing disk, a flipped bit in a checkpoint, a diverging
-loss, a second run on the same directory, and a data prepare killed half-way. Every trial ends with
-`trainer.resume=auto` (or a rerun) and compares the loss sequence with the uninterrupted run's; the table counts what
-was lost.
+SIGINT / SIGTERM (once, twice, to one rank of two, and during an evaluation), a failing disk, a flipped bit in a
+checkpoint, a diverging loss, a second run on the same directory, and a data prepare killed half-way. Every trial
+ends with `trainer.resume=auto` (or a rerun) and compares the loss sequence with the uninterrupted run's; the table
+counts what was lost.
 
     python experiments/reliability/run_faults.py [--trials 1.0] [--work /tmp/mlxgpt-faults] > results.md
 """
@@ -239,10 +239,12 @@ def sigterm_one_rank(lab: Lab, reference: list, trials: int) -> None:
         os.kill(int(sorted(ranks, key=int)[k % 2]), signal.SIGTERM)  # the ranks start in order: the lower pid is 0
         try:
             proc.wait(timeout=120)
+            hung = False
         except subprocess.TimeoutExpired:
-            row["hung"] += 1
+            hung = True
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        row["hung"] += hung
         err = (lab.work / f"{name}.err").read_text()
         row["ended before the signal"] += "exited with code" not in err
         row["both ranks stopped (exit 143)"] += all(f"rank {r} exited with code 143" in err for r in (0, 1))
