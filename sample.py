@@ -3,7 +3,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mlxgpt.cli import exit_on_user_error, print_result, print_stream, run_hydra
-from mlxgpt.config import register_configs
+from mlxgpt.config import SampleConfig, register_configs
 
 register_configs()
 
@@ -19,4 +19,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_hydra(main)
+    run_hydra(main, SampleConfig)

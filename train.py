@@ -3,7 +3,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mlxgpt.cli import run_hydra
-from mlxgpt.config import register_configs
+from mlxgpt.config import Config, register_configs
 
 register_configs()
 
@@ -16,4 +16,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    run_hydra(main)
+    run_hydra(main, Config)

@@ -162,6 +162,20 @@ def test_text_data_without_path_says_how_to_fix():
     ("callbacks.early_stoping.patience=2", "unknown config key 'callbacks.early_stoping'"),
     ("~callbacks.progres", "cannot delete 'callbacks.progres': no such key; check the spelling"),
     ("run_name=../escape", "invalid run_name=../escape: must be a relative path without empty, '.' or '..' parts"),
+    # was a run on the embedded text, the file never read
+    ("data.path=notes.txt", "data.path=notes.txt is not read by data=pydoc (the embedded text); for your own text use "
+     "data=text data.path=notes.txt"),
+    # nanoGPT's flags: were argparse's usage and 'unrecognized arguments'
+    ("--max_iters=20", "unknown option --max_iters=20: settings are key=value overrides without dashes, e.g. "
+     "`python train.py trainer.max_iters=20`; `--help` lists them"),
+    ("--batch_size 4", "unknown option --batch_size: settings are key=value overrides without dashes, e.g. "
+     "`python train.py trainer.batch_size=...`"),
+    ("--learning_rate=1e-3", "unknown option --learning_rate=1e-3: settings are key=value overrides without dashes; "
+     "`--help` lists them"),
+    ("model nano", "'model' is not an override: write key=value with no spaces around '=', e.g. model=..."),  # was
+    # advice to quote special characters
+    ("trainer.resume=true", "invalid trainer.resume=true: must be auto (continue this run), a run or checkpoint "
+     "directory, or null"),  # was 'checkpoint True does not exist'
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *override.split(), f"paths.log_dir={tmp_path}"],
@@ -185,6 +199,8 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     ("sample.py", "checkpoint=run +temprature=0.5", "unknown config key 'temprature' (added with +)"),  # was ignored
     ("export.py", "checkpoint=run out=hf +overwrit=true", "unknown config key 'overwrit' (added with +)"),
     ("sample.py", "checkpoint=run model=nano", "sample.py has no config group 'model'; `--help` lists its options"),
+    ("sample.py", "checkpoint=run --num_samples=2", "unknown option --num_samples=2: settings are key=value "
+     "overrides without dashes, e.g. `python sample.py num_samples=2`"),
 ])
 def test_sample_and_export_reject_bad_options_in_one_line(tmp_path, script, args, expected):
     proc = subprocess.run([sys.executable, str(ROOT / script), *args.split()], capture_output=True, text=True,

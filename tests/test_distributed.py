@@ -168,11 +168,12 @@ def test_a_submitit_job_stopped_by_slurm_says_how_to_continue_the_sweep_with_tra
     assert command[:3] == ["python", str(ROOT / "train.py"), "-m"] and command[-1] == "trainer.resume=auto"
 
 
-def test_a_submitted_job_that_ended_without_a_result_is_one_line_naming_its_last_message(capsys):
+def test_a_submitted_job_that_ended_without_a_result_is_one_line_naming_its_last_message(capsys, monkeypatch):
     """The sweep's process once submitit gives up waiting for a stopped job's result (after 15 s): submitit's own
     error, worded as submitit words it, ends the sweep with one line instead of a traceback."""
     utils = pytest.importorskip("submitit.core.utils")
     from mlxgpt.cli import run_hydra
+    from mlxgpt.config import Config
 
     stopped = "mlxgpt: stopped by SIGTERM at iteration 6; latest checkpoint c; continue with: python train.py -m x"
     error = utils.UncompletedJobError("\n".join([
@@ -182,8 +183,9 @@ def test_a_submitted_job_that_ended_without_a_result_is_one_line_naming_its_last
     def main():
         raise error
 
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m"])
     with pytest.raises(SystemExit) as exit_:
-        run_hydra(main)
+        run_hydra(main, Config)
     assert exit_.value.code == 1
     assert capsys.readouterr().err == (f"mlxgpt: Job 21184 (task: 0) ended without a result (state FINISHED); its last "
                                        f"message: {stopped}\n")

@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from mlxgpt.config import dotted
 from mlxgpt.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -29,6 +32,9 @@ def _causes(exc: BaseException | None):
 
 def one_line(exc: BaseException) -> str:
     """One line for a Hydra/OmegaConf error: the option or key at fault and how to fix it."""
+    if isinstance(exc, OverrideParseException) and re.fullmatch(r"[\w.]+", exc.override):  # `model nano`
+        return (f"'{exc.override}' is not an override: write key=value with no spaces around '=', e.g. "
+                f"{exc.override}=...; `--help` lists them")
     if isinstance(exc, OverrideParseException):
         return (f"cannot parse the override {exc.override!r} (Hydra's override grammar); quote a value with special "
                 f"characters, e.g. 'data.path=\"~/books/*.txt\"'")
@@ -99,11 +105,14 @@ def report_failed_jobs(names: list[str]) -> None:
     _failed_jobs.update(names)
 
 
-def run_hydra(main: Callable[[], object]) -> None:
-    """Call a @hydra.main function; config and user errors print one line to stderr and exit 2, Ctrl-C 130; a sweep
-    with failed jobs exits 1 after all have run."""
+def run_hydra(main: Callable[[], object], schema: type) -> None:
+    """Call a @hydra.main function whose config has the dataclass `schema`; config and user errors print one line to
+    stderr and exit 2, Ctrl-C 130; a sweep with failed jobs exits 1 after all have run."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let exceptions reach us instead of Hydra's multi-line report
     sys.argv[1:] = multirun_flag_first(sys.argv[1:])
+    dashed = dashed_options(sys.argv[1:], schema)
+    if dashed:
+        fail(dashed)
     try:
         main()
         if _failed_jobs:
@@ -130,6 +139,19 @@ def multirun_flag_first(args: list[str]) -> list[str]:
     override is one key=value token, so a bare -m is always the flag)."""
     flags = [a for a in args if a in MULTIRUN_FLAGS]
     return [*flags, *(a for a in args if a not in MULTIRUN_FLAGS)]
+
+
+def dashed_options(args: list[str], schema: type) -> str | None:
+    """The error for options Hydra's parser does not know, such as nanoGPT's `--max_iters=20` (argparse would print its
+    usage): settings are key=value overrides, named as in `schema` (trainer.max_iters); None when there are none."""
+    unknown = [a for a in get_args_parser().parse_known_args(args)[1] if a.startswith("-")]
+    if not unknown:
+        return None
+    name, has_value, value = unknown[0].lstrip("-").partition("=")
+    keys = [k for k in dotted(OmegaConf.to_container(OmegaConf.structured(schema))) if k.rsplit(".", 1)[-1] == name]
+    script = Path(sys.argv[0]).name
+    example = f", e.g. `python {script} {keys[0]}={value if has_value else '...'}`" if len(keys) == 1 else ""
+    return f"unknown option {unknown[0]}: settings are key=value overrides without dashes{example}; `--help` lists them"
 
 
 def uncompleted_job(exc: Exception) -> str:

@@ -275,6 +275,8 @@ def validate(cfg: DictConfig) -> None:
            "must be >= 1 or null")
     _check(0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
     _check(o.momentum > 0 or not o.nesterov, "optimizer.nesterov", o.nesterov, "needs optimizer.momentum > 0")
+    _check(t.resume not in ("True", "False"), "trainer.resume", str(t.resume).lower(),  # a bool, as a string
+           "must be auto (continue this run), a run or checkpoint directory, or null (start a new run)")
     _check_run_name(cfg.run_name)
     for key, variable in (("paths.log_dir", "MLXGPT_LOG_DIR"), ("paths.data_dir", "MLXGPT_DATA_DIR")):
         _check(OmegaConf.select(cfg, key) != "", key, "", f"must name a directory (unset {variable} if it is empty)")
@@ -283,6 +285,9 @@ def validate(cfg: DictConfig) -> None:
         _check(d.tokenizer == "char", "data.chars", repr(d.chars), "applies to data.tokenizer=char only; set it to null")
         _check(len(d.chars) >= 1 and len(set(d.chars)) == len(d.chars), "data.chars", repr(d.chars),
                "must be distinct characters")
+    if d.source == "pydoc" and d.path:  # the embedded text reads no file: the run would train on it silently
+        raise UserError(f"data.path={d.path} is not read by data=pydoc (the embedded text); for your own text use "
+                        f"data=text data.path={d.path}")
     if d.source == "text" and not d.path:
         raise UserError("data.source=text needs data.path=<file, directory or glob of text files>")
     if d.source == "hf" and not (d.hf_path or d.path):
