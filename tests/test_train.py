@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -73,8 +74,11 @@ def test_train_loss_goes_down_writes_run_dir_and_samples(tmp_path):
     train = records(run_dir, "train")
     assert all(r["tok_per_s"] > 0 and r["mfu"] is not None for r in train)
 
-    out = run(["sample.py", f"checkpoint={run_dir}", "prompt=def", "num_samples=2", "max_new_tokens=30",
-               "seed=3"], tmp_path).stdout
+    done = proc.stdout.splitlines()[-1]  # the last line says how to sample (a run ended with its sample's text)
+    assert done == (f"mlxgpt: done: 60 iterations, best val loss {best_eval['val/loss']:.4f}; sample from it: "
+                    f"python sample.py checkpoint=logs/runs/r")
+    sample_command = shlex.split(done.partition("sample from it: ")[2])[1:]
+    out = run([*sample_command, "prompt=def", "num_samples=2", "max_new_tokens=30", "seed=3"], tmp_path).stdout
     assert out.count("--- sample") == 2 and out.count("\ndef") == 2
     again = run(["sample.py", f"checkpoint={run_dir}", "prompt=def", "num_samples=2", "max_new_tokens=30",
                  "seed=3"], tmp_path).stdout

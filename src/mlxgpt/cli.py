@@ -205,6 +205,14 @@ def _end_quietly() -> None:
     sys.exit(1)
 
 
+def shown_path(path: Path) -> str:
+    """A path relative to the working directory when it lies below it (tables are often committed), else as given."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def fail(message: str) -> None:
     """Print `error: message` on stderr and exit 2 (a user error)."""
     print(f"error: {message}", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mlxgpt.cli import fail, print_result
+from mlxgpt.cli import fail, print_result, shown_path
 from mlxgpt.errors import UserError, make_dir
 
 # where a run is kept, not what it does
@@ -194,14 +194,6 @@ def tick_label(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _shown(path: Path) -> str:
-    """A path relative to the working directory when it lies below it (tables are often committed)."""
-    try:
-        return str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def _clip(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -222,7 +214,7 @@ def write_table(runs: list[Run], out_dir: Path, stem: str) -> tuple[Path, Path]:
         rows.append({"rank": i, "is_best": r is best, "run": r.name, "overrides": describe(r, keys),
                      **{k: r.value(k) for k in keys}, "best_val_loss": r.best_val_loss,
                      "final_train_loss": r.final_train_loss, "tok_per_s": r.tok_per_s, "iters": r.iters,
-                     "status": r.status, "error": r.error, "path": _shown(r.path)})
+                     "status": r.status, "error": r.error, "path": shown_path(r.path)})
     common = [f"{k}={_given(runs, k)}" for k in _overridden(runs) if k not in keys] if len(runs) > 1 else []
     if common:
         md += ["", f"Common to all runs: `{' '.join(common)}`"]

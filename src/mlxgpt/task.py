@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from mlxgpt import checkpoint, device
 from mlxgpt.callbacks.base import Callback
 from mlxgpt.callbacks.early_stopping import stopped_early
-from mlxgpt.cli import EXIT_USER_ERROR, report_failed_jobs
+from mlxgpt.cli import EXIT_USER_ERROR, report_failed_jobs, shown_path
 from mlxgpt.config import masked_container, validate
 from mlxgpt.data import load_data
 from mlxgpt.errors import UserError, disk_error
@@ -91,6 +92,8 @@ def train(cfg: DictConfig) -> float:
         if is_main_process():  # the other ranks of a distributed run write nothing
             settle_records(run_dir, failed=False)
             _write_result(run_dir, {"status": "ok", **summary})
+            if not multirun and not cfg.trainer.eval_only:  # a sweep ends with its best job instead
+                log.info(_done_line(run_dir, summary))
         return summary.get("best/val_loss", math.nan)
     finally:
         unlock_run_dir(run_dir)
@@ -125,6 +128,14 @@ def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:
         log.info(f"mlxgpt: eval only: train loss {losses['train/loss']:.4f}, val loss {losses['val/loss']:.4f}")
         return {**losses, "best/val_loss": losses["val/loss"], "iter": trainer.iter}
     return trainer.fit()
+
+
+def _done_line(run_dir: Path, summary: dict) -> str:
+    """The last line of a finished run: how far it went, and the command that samples from it."""
+    best = summary.get("best/val_loss")
+    loss = f", best val loss {best:.4f}" if best is not None and math.isfinite(best) else ""
+    return (f"mlxgpt: done: {summary['iter']} iterations{loss}; sample from it: python sample.py "
+            f"checkpoint={shlex.quote(shown_path(run_dir))}")
 
 
 def _finished(cfg: DictConfig, state: dict) -> str | None:
