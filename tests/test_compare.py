@@ -213,3 +213,16 @@ def test_runs_that_never_evaluated_are_compared_without_warnings(tmp_path):
     proc = python("compare.py", "logs/failed", "--out", "out", cwd=tmp_path)
     assert proc.stderr == "" and "| 1 | 0 | " in proc.stdout
     assert (tmp_path / "out" / "val_loss.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.slow
+def test_the_curves_legend_is_whole_however_long_its_labels(mixed, tmp_path):
+    """Runs from separate commands differ in many settings: their long labels were cut off at the image's right edge,
+    with matplotlib's 'Tight layout not applied' warning on stderr."""
+    import matplotlib.image
+
+    proc = python("compare.py", str(mixed / "logs"), "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.stderr == ""
+    image = matplotlib.image.imread(tmp_path / "val_loss.png")
+    assert (image[:, -3:, :3] == 1).all()  # white margin: nothing drawn across the right edge
+    assert image.shape[1] < 2000  # labels wrapped, not one long line each

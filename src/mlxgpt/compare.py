@@ -236,6 +236,17 @@ def _replace(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _wrap(label: str, width: int = 60) -> str:
+    """A legend label on lines of about `width` characters, broken after the commas between its settings."""
+    lines = [""]
+    for part in re.split(r"(?<=,)", label):
+        if lines[-1] and len(lines[-1] + part) > width:
+            lines.append(part)
+        else:
+            lines[-1] += part
+    return "\n".join(lines)
+
+
 def plot_val_curves(runs: list[Run], path: Path) -> Path:
     """Val loss against iterations, one line per run (failed runs dashed, the best one thick)."""
     import matplotlib
@@ -249,16 +260,15 @@ def plot_val_curves(runs: list[Run], path: Path) -> Path:
         points = [(e["iter"], e["val/loss"]) for e in r.evals if _finite(e.get("val/loss"))]
         if points:
             ax.plot(*zip(*points), marker=".", linestyle="-" if r.status == "ok" else "--",
-                    linewidth=2.8 if r is best else 1.2, label=f"{describe(r, keys)} ({_fmt(r.best_val_loss)})")
+                    linewidth=2.8 if r is best else 1.2, label=_wrap(f"{describe(r, keys)} ({_fmt(r.best_val_loss)})"))
     ax.set_xlabel("iteration")
     ax.set_ylabel("val loss")
-    ax.set_title("validation loss" + (f" (best: {describe(best, keys)})" if best else ""))
+    ax.set_title(_wrap("validation loss" + (f" (best: {describe(best, keys)})" if best else ""), width=100))
     ax.grid(alpha=0.3)
     if ax.lines:  # else no run evaluated (all failed early): an empty plot, and no legend to draw
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="run (best val loss)",
                   title_fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the image widens to the legend beside the plot, however long
     plt.close(fig)
     return path
 
