@@ -176,6 +176,8 @@ def test_text_data_without_path_says_how_to_fix():
     # advice to quote special characters
     ("trainer.resume=true", "invalid trainer.resume=true: must be auto (continue this run), a run or checkpoint "
      "directory, or null"),  # was 'checkpoint True does not exist'
+    ("optimizer.lr=1e-4,1e-3", "optimizer.lr=1e-4,1e-3 is read as several values: add -m to run one job for each "
+     "(python train.py -m optimizer.lr=1e-4,1e-3)"),  # was Hydra's numbered list, run together on one line
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *override.split(), f"paths.log_dir={tmp_path}"],
@@ -201,6 +203,8 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, override, expected):
     ("sample.py", "checkpoint=run model=nano", "sample.py has no config group 'model'; `--help` lists its options"),
     ("sample.py", "checkpoint=run --num_samples=2", "unknown option --num_samples=2: settings are key=value "
      "overrides without dashes, e.g. `python sample.py num_samples=2`"),
+    ("sample.py", "checkpoint=run prompt=Hello,world", "prompt=Hello,world is read as several values: quote one value "
+     "that holds commas: 'prompt=\"Hello,world\"'"),  # was advice to add --multirun
 ])
 def test_sample_and_export_reject_bad_options_in_one_line(tmp_path, script, args, expected):
     proc = subprocess.run([sys.executable, str(ROOT / script), *args.split()], capture_output=True, text=True,

@@ -38,6 +38,12 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OverrideParseException):
         return (f"cannot parse the override {exc.override!r} (Hydra's override grammar); quote a value with special "
                 f"characters, e.g. 'data.path=\"~/books/*.txt\"'")
+    swept = re.match(r"(?:Ambiguous value for argument|Sweep parameters) '(.+?)'", str(exc))
+    if swept:  # `optimizer.lr=1e-4,1e-3` (or a range(...), choice(...)) without -m; `prompt=Hello, world`
+        key, _, value = swept[1].partition("=")
+        script = Path(sys.argv[0]).name
+        sweep = f"add -m to run one job for each (python {script} -m {swept[1]}), or " if script == "train.py" else ""
+        return f"{swept[1]} is read as several values: {sweep}quote one value that holds commas: '{key}=\"{value}\"'"
     deleted = re.fullmatch(r"Could not delete from config\. '(.+)' does not exist\.", str(exc))
     if deleted:  # `~key` of a key the config lacks
         return f"cannot delete '{deleted[1]}': no such key; check the spelling, `--cfg job` lists every key"
