@@ -624,7 +624,10 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "resume: a damaged digest in state.json": (run("bad_digest", "trainer.resume=auto"),
                                                    "has a damaged state.json (its files entry", bad_digest),
         "resume: other model size": (run("other_size", "trainer.resume=auto", "model.n_embd=64"),
-                                     "for a different model", other_size),
+                                     "for a different model (n_layer=2/n_head=2/n_embd=32/block_size=32/vocab_size="
+                                     "103, trained with model=nano) than this config (n_layer=2/n_head=2/n_embd=64/"
+                                     "block_size=32/vocab_size=None); use the checkpoint's model settings "
+                                     "(model.n_embd=32) or start a new run", other_size),
         "resume: other optimizer": (  # SGD would take AdamW's second moments ("v") for its momentum
             run("other_optimizer", "trainer.resume=auto", "optimizer=sgd", "optimizer.weight_decay=0.1"),
             "(optimizer=adamw with weight_decay=0.1) does not fit this run's optimizer=sgd", other_optimizer),

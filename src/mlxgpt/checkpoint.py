@@ -213,8 +213,11 @@ def check_model(ckpt: Path, state: dict, model_cfg: Mapping) -> None:
         raise UserError(f"checkpoint {ckpt} has a {saved.get('vocab_size')}-character vocabulary, this data "
                         f"{model_cfg.get('vocab_size')} characters: continue it on the data it was trained on")
     if differ:
-        raise UserError(f"checkpoint {ckpt} is for a different model ({_sizes_text(saved)}) than this config "
-                        f"({_sizes_text(model_cfg)}); use the checkpoint's model settings or start a new run")
+        option = ((state.get("config") or {}).get("model") or {}).get("name")
+        trained = f", trained with model={option}" if option else ""
+        fix = " ".join(f"model.{k}={saved.get(k)}" for k in differ)
+        raise UserError(f"checkpoint {ckpt} is for a different model ({_sizes_text(saved)}{trained}) than this config "
+                        f"({_sizes_text(model_cfg)}); use the checkpoint's model settings ({fix}) or start a new run")
 
 
 def check_tokenizer(ckpt: Path, state: dict, tokenizer_meta: dict) -> None:
