@@ -167,6 +167,28 @@ def test_sigint_finishes_the_step_saves_and_the_printed_command_resumes_identica
 
 
 @pytest.mark.slow
+def test_a_stop_as_the_run_ends_cuts_its_last_sample_short_and_records_the_run_as_complete(work):
+    """Ctrl-C while a run that has done all its iterations draws its final sample (a long one): the sample stops at
+    once and is not recorded, the run is complete (result ok, nothing left to continue), the process exits 130 (it
+    used to draw the whole sample, then exit 0)."""
+    proc = start(work, "late", "trainer.max_iters=10", "callbacks.sample.max_new_tokens=1000000")
+    ckpts = run_dir(work, "late") / "checkpoints"
+    wait_until(lambda: (ckpts / "iter_0000010").is_dir(), proc)  # the evaluation at max_iters saved it: the sample next
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    err = (work / "late.err").read_text()
+    assert last_line(err) == "mlxgpt: stopped by SIGINT after the last iteration (10): the run is complete", err[-2000:]
+    assert json.loads((ckpts.parent / "result.json").read_text())["status"] == "ok" and "Traceback" not in err
+    assert checkpoint.latest(ckpts) == (ckpts / "iter_0000010").resolve()
+    assert not (ckpts.parent / "samples.jsonl").exists()
+    again = train(work, "late", "trainer.max_iters=10", "trainer.resume=auto")
+    assert "already trained 10 iterations" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
 def test_a_run_started_from_another_runs_checkpoint_and_stopped_before_its_own_continues_from_that_one(work, base):
     start_from = f"{base}/checkpoints/iter_0000010"
     stopped = subprocess.run([sys.executable, str(ROOT / "tests/ctrl_c_in_setup.py"), "0",

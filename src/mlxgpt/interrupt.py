@@ -28,6 +28,17 @@ class Interrupted(BaseException):
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
+class StoppedAfterTraining(Interrupted):
+    """A stop asked as a run that has done all its iterations ends (its last sample, its checkpoint): the run is
+    complete (`summary`); the process still exits 128+n, so a multirun stops too."""
+
+    def __init__(self, signum: int, summary: dict):
+        super().__init__(signum, summary["iter"])
+        self.args = (f"stopped by {signal.Signals(signum).name} after the last iteration ({summary['iter']}): the run "
+                     f"is complete",)
+        self.summary = summary
+
+
 class StopSignals:
     """While active, SIGINT / SIGTERM are recorded instead of raising; after the first, a second kills the process."""
 

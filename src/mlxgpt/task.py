@@ -25,7 +25,7 @@ from mlxgpt.cli import EXIT_USER_ERROR, report_failed_jobs, shown_path
 from mlxgpt.config import masked_container, validate
 from mlxgpt.data import load_data
 from mlxgpt.errors import UserError, disk_error
-from mlxgpt.interrupt import Interrupted, exit_together, sigterm_stops
+from mlxgpt.interrupt import Interrupted, StoppedAfterTraining, exit_together, sigterm_stops
 from mlxgpt.log import FILE_ONLY, log
 from mlxgpt.memory import check_fits
 from mlxgpt.model import GPT, GPTConfig
@@ -61,6 +61,11 @@ def train(cfg: DictConfig) -> float:
         if holds_lock(run_dir):
             settle_records(run_dir, failed=True)
         return e.best_val_loss
+    except StoppedAfterTraining as e:  # the run is complete; the process stops as asked
+        _record_success(cfg, run_dir, multirun, e.summary)
+        if is_main_process():
+            log.warning(f"mlxgpt: {e}")
+        exit_together(e.exit_code)
     except (Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C or SIGTERM outside the loop (data, model): stopped too
         e = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT, None)
         _write_failure(run_dir, {"status": "interrupted", "iter": e.iteration})
@@ -89,11 +94,7 @@ def train(cfg: DictConfig) -> float:
         log.error(traceback.format_exc().rstrip(), extra=FILE_ONLY)  # the console gets it from Python
         raise
     else:
-        if is_main_process():  # the other ranks of a distributed run write nothing
-            settle_records(run_dir, failed=False)
-            _write_result(run_dir, {"status": "ok", **summary})
-            if not multirun and not cfg.trainer.eval_only:  # a sweep ends with its best job instead
-                log.info(_done_line(run_dir, summary))
+        _record_success(cfg, run_dir, multirun, summary)
         return summary.get("best/val_loss", math.nan)
     finally:
         unlock_run_dir(run_dir)
@@ -102,6 +103,15 @@ def train(cfg: DictConfig) -> float:
                 write_summary(Path(HydraConfig.get().sweep.dir))
         gc.collect()  # a multirun's jobs share this process: free this job's arrays (cycles hold the model)...
         mx.clear_cache()  # ...and give MLX's buffer cache back before the next job
+
+
+def _record_success(cfg: DictConfig, run_dir: Path, multirun: bool, summary: dict) -> None:
+    """The records of a job that ran to its end (rank 0: the other ranks of a distributed run write nothing)."""
+    if is_main_process():
+        settle_records(run_dir, failed=False)
+        _write_result(run_dir, {"status": "ok", **summary})
+        if not multirun and not cfg.trainer.eval_only:  # a sweep ends with its best job instead
+            log.info(_done_line(run_dir, summary))
 
 
 def _train(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict:

@@ -19,7 +19,7 @@ from mlxgpt.callbacks.base import Callback
 from mlxgpt.config import masked_container
 from mlxgpt.device import on_cpu
 from mlxgpt.errors import UserError
-from mlxgpt.interrupt import Interrupted, StopSignals
+from mlxgpt.interrupt import Interrupted, StopSignals, StoppedAfterTraining
 from mlxgpt.log import log
 from mlxgpt.rundir import changed_settings
 
@@ -340,16 +340,24 @@ class Trainer:
                     if ahead is None:  # the device was idle meanwhile (evaluation, checkpoints): not training time
                         clock.idle += time.perf_counter() - callbacks_start
                     stop_signal = stop_signal or signals.requested(self.group)
-                    if stop_signal and ahead is None:
+                    finished = self.iter >= self.max_iters or self.should_stop  # then the stop waits for the end
+                    if stop_signal and ahead is None and not finished:
                         raise Interrupted(stop_signal, self.iter)
                     step = ahead
                 self.emit("on_train_end", dict(self.summary))
+                stop_signal = signals.requested(self.group)  # asked during the last step or the end: a complete run
             except BaseException as exc:
                 self.emit("on_exception", exc)
                 raise
             finally:
                 self._signals = None
+        if stop_signal:
+            raise StoppedAfterTraining(stop_signal, self.summary)
         return self.summary
+
+    def stop_requested(self) -> int | None:
+        """The signal this process was asked to stop on during fit (no collective: the ranks agree at the step's end)."""
+        return self._signals.signum if self._signals is not None else None
 
 
 class TrainingClock:

@@ -1,6 +1,7 @@
 """Generate text from the model at the end of training (and optionally every few evaluations)."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import mlx.core as mx
@@ -49,17 +50,25 @@ class SampleCallback(Callback):
 
     def on_train_end(self, trainer, logs) -> None:
         if self.max_new_tokens > 0 and trainer.iter > 0:
-            text = self.sample(trainer)
-            if self.print_at_end and trainer.is_main:
+            text = self.sample(trainer, stoppable=True)
+            if text is None and trainer.is_main:
+                log.info(f"mlxgpt: the sample after {trainer.iter} iterations was cut short by the stop")
+            elif self.print_at_end and trainer.is_main:
                 log.info(f"\n--- sample after {trainer.iter} iterations (prompt {self.prompt!r}) ---\n{text}\n---")
 
-    def sample(self, trainer) -> str:
-        """Generate one sample (seeded by the iteration, so it never disturbs training randomness)."""
+    def sample(self, trainer, stoppable: bool = False) -> str | None:
+        """Generate one sample (seeded by the iteration, so it never disturbs training randomness); `stoppable`: None,
+        and nothing recorded, once a stop is asked (the sample at the end of a run: training is done)."""
         tokenizer, model = trainer.tokenizer, trainer.model
         prompt_ids = tokenizer.encode(self.prompt) or [tokenizer.eot_token or 0]
         mx.random.seed(trainer.seed + trainer.iter)
-        ids = list(model.generate(mx.array([prompt_ids]), self.max_new_tokens, temperature=self.temperature,
-                                  top_k=self.top_k, vocab_size=tokenizer.vocab_size))  # in eval mode, then back
+        ids = []
+        with contextlib.closing(model.generate(mx.array([prompt_ids]), self.max_new_tokens, top_k=self.top_k,
+                                               temperature=self.temperature, vocab_size=tokenizer.vocab_size)) as drawn:
+            for token in drawn:  # in eval mode, then back
+                if stoppable and trainer.stop_requested():
+                    return None
+                ids.append(token)
         text = self.prompt + tokenizer.decode(ids)
         if trainer.is_main:
             if not self._records_started:  # a fresh run's first sample, maybe from the evaluation at start
