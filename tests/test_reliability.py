@@ -771,6 +771,13 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(bad_input_results, 
     assert unchanged.get(name, True)
 
 
+@pytest.mark.slow
+def test_a_missing_or_broken_init_from_is_refused_before_the_run_directory_is_made(bad_input_results, work):
+    for name, run_name in [("init_from: missing", "b10"), ("init_from: truncated", "b11"),
+                           ("init_from: not a checkpoint", "b13")]:
+        assert bad_input_results[1][name].returncode == 2 and not run_dir(work, run_name).exists(), name
+
+
 def test_a_bug_in_the_preflight_check_ends_the_process_instead_of_running_the_job_unchecked(monkeypatch, capsys):
     """Hydra turns a callback's exception into a warning and goes on: the run would start unlocked and unchecked."""
     monkeypatch.setattr(rundir, "validate", lambda cfg: 1 / 0)

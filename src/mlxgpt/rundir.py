@@ -22,6 +22,7 @@ from mlxgpt.cli import fail, user_message
 from mlxgpt.config import dotted, masked_container, validate
 from mlxgpt.errors import UserError, disk_error, make_dir
 from mlxgpt.memory import check_fits
+from mlxgpt.pretrained import is_pretrained
 
 LOCK_FILE = ".lock"
 PREVIOUS = ".previous_attempt"  # a used run dir's records as they were before this attempt rewrote them
@@ -309,6 +310,8 @@ def check_start(t: DictConfig, run_dir: Path, init_from: str | None) -> Path | N
                         "(or gpt2, ...), with a run_name of its own")
     if t.resume is None or t.eval_only:
         refuse_used_run_dir(run_dir)
+    if init_from and not is_pretrained(init_from):  # a run or checkpoint to start from: there and whole
+        checkpoint.verify(checkpoint.resolve_best(init_from))
     ckpt = resume_checkpoint(t.resume, run_dir)
     refuse_other_checkpoint(t.resume, ckpt, run_dir)
     return ckpt
