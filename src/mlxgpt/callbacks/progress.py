@@ -1,5 +1,8 @@
-"""A tqdm progress bar with loss, lr, tokens/s, MFU and ETA; eval results as lines (and every log line in train.log)."""
+"""A tqdm progress bar with loss, lr, tokens/s, MFU and ETA on a terminal; elsewhere (a file, Slurm's log) a line per
+log interval with the ETA instead. Eval results as lines; every log line in train.log."""
 from __future__ import annotations
+
+import sys
 
 from tqdm.auto import tqdm
 
@@ -19,7 +22,7 @@ class ProgressCallback(Callback):
         return False  # its step events only log
 
     def on_train_start(self, trainer) -> None:
-        if trainer.is_main:
+        if trainer.is_main and sys.stderr.isatty():  # a bar's redraws would fill a log file with partial lines
             self._bar = tqdm(total=trainer.max_iters, initial=trainer.iter, desc="train", unit="it",
                              leave=self.leave, dynamic_ncols=True)
 
@@ -35,9 +38,14 @@ class ProgressCallback(Callback):
             post["tok/s"] = f"{logs['tok_per_s']:.0f}"
         if logs.get("mfu") is not None:
             post["mfu"] = f"{100 * logs['mfu']:.1f}%"
-        log.info(f"iter {logs['iter']}: " + ", ".join(f"{k} {v}" for k, v in post.items()), extra=FILE_ONLY)
+        line = f"iter {logs['iter']}: " + ", ".join(f"{k} {v}" for k, v in post.items())
         if self._bar is not None:
+            log.info(line, extra=FILE_ONLY)
             self._bar.set_postfix(post, refresh=False)
+        else:  # no bar: the line says how far the run is
+            left = (trainer.max_iters - logs["iter"]) * logs["dt_s"]
+            log.info(f"{line}, {100 * logs['iter'] / trainer.max_iters:.0f}% of {trainer.max_iters}, "
+                     f"eta {tqdm.format_interval(left)}")
 
     def on_eval_end(self, trainer, logs) -> None:
         message = (f"iter {logs['iter']}: train loss {logs['train/loss']:.4f}, val loss {logs['val/loss']:.4f} "
