@@ -1,4 +1,5 @@
 """Config composition: every group composes, typos and bad values are rejected with one line."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,6 +227,13 @@ def test_help_shows_each_scripts_own_options(script, shown, not_shown):
     proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert all(s in proc.stdout for s in shown) and not any(s in proc.stdout for s in not_shown), proc.stdout
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "export.py"])
+def test_version_names_mlxgpt_and_the_packages_results_depend_on(script):
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # Hydra's own printed "Hydra 1.3.x" only
+    assert re.fullmatch(r"mlxgpt \S+ \(mlx \S+, hydra-core \S+, numpy \S+, python \S+\)\n", proc.stdout), proc.stdout
 
 
 @pytest.mark.parametrize("flag", ["--help", "--cfg=job"])

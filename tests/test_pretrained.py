@@ -108,7 +108,7 @@ def test_export_leaves_out_the_padded_rows_of_the_vocabulary(tmp_path):
 def test_export_refuses_to_overwrite(tmp_path):
     model = make_model()
     export_hf(model, tmp_path)
-    with pytest.raises(UserError, match="overwrite=True"):
+    with pytest.raises(UserError, match="overwrite=true"):
         export_hf(model, tmp_path)
     export_hf(model, tmp_path, overwrite=True)
 

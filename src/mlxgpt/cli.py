@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -116,6 +118,9 @@ def run_hydra(main: Callable[[], object], schema: type) -> None:
     stderr and exit 2, Ctrl-C 130; a sweep with failed jobs exits 1 after all have run."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let exceptions reach us instead of Hydra's multi-line report
     sys.argv[1:] = multirun_flag_first(sys.argv[1:])
+    if "--version" in sys.argv[1:]:  # Hydra's own would print its version only
+        print(versions())
+        sys.exit(0)
     dashed = dashed_options(sys.argv[1:], schema)
     if dashed:
         fail(dashed)
@@ -145,6 +150,12 @@ def multirun_flag_first(args: list[str]) -> list[str]:
     override is one key=value token, so a bare -m is always the flag)."""
     flags = [a for a in args if a in MULTIRUN_FLAGS]
     return [*flags, *(a for a in args if a not in MULTIRUN_FLAGS)]
+
+
+def versions() -> str:
+    """`--version`: mlxgpt's, and those of the packages a run's results depend on."""
+    packages = ", ".join(f"{name} {metadata.version(name)}" for name in ("mlx", "hydra-core", "numpy"))
+    return f"mlxgpt {metadata.version('mlxgpt')} ({packages}, python {platform.python_version()})"
 
 
 def dashed_options(args: list[str], schema: type) -> str | None:

@@ -146,7 +146,7 @@ def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenize
         raise UserError(f"{out} is an mlxgpt run or checkpoint directory: the export would replace its files; choose "
                         f"another out= directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; choose another directory or pass overwrite=True")
+        raise UserError(f"{out} exists and is not empty; choose another directory or pass overwrite=true")
     make_dir(out, "the out= directory", "choose another one")
     params = dict(tree_flatten(model.parameters()))
     vocab_size = vocab_size or model.config.vocab_size
