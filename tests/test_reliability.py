@@ -257,6 +257,28 @@ def test_sigterm_while_the_data_is_prepared_stops_as_ctrl_c_does_and_leaves_no_p
     assert result["status"] == "interrupted"
 
 
+WORKER_POOL = """
+import multiprocessing, os, signal, sys, time
+from mlxgpt.interrupt import sigterm_stops
+with sigterm_stops():
+    pool = multiprocessing.get_context("fork").Pool(2)
+    pool.map_async(time.sleep, [10, 10])
+    time.sleep(1)  # the workers are in their tasks
+    for worker in pool._pool if sys.argv[1] == "ctrl_c" else []:
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.5)
+    pool.terminate()
+"""
+
+
+@pytest.mark.parametrize("stop", ["terminate", "ctrl_c"])
+def test_worker_processes_forked_while_the_data_is_prepared_end_quietly_when_their_pool_is_stopped(stop):
+    # datasets' num_proc pool forks workers with the job's signal handlers, and terminates them when loading fails or
+    # when Ctrl-C (which the terminal sends to the workers too) interrupts it
+    done = subprocess.run([sys.executable, "-c", WORKER_POOL, stop], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("at", [20, ITERS])
 def test_a_stop_during_a_later_evaluation_saves_it_as_pending_and_the_continued_run_does_it_first(work, reference, at):

@@ -83,6 +83,23 @@ def exit_together(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _stop_on_sigterm(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)
+    raise Interrupted(signum, None)
+
+
+def _quiet_worker_signals() -> None:
+    """A process forked under sigterm_stops (a worker of datasets' num_proc pool) leaves Ctrl-C to its parent and ends
+    on SIGTERM when the parent terminates its pool, instead of printing a traceback of KeyboardInterrupt or
+    Interrupted."""
+    if signal.getsignal(signal.SIGTERM) is _stop_on_sigterm:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_quiet_worker_signals)
+
+
 @contextlib.contextmanager
 def sigterm_stops():
     """Outside the training loop (data, model), SIGTERM stops the job as Ctrl-C does: Interrupted is raised, so the work
@@ -90,12 +107,7 @@ def sigterm_stops():
     if threading.current_thread() is not threading.main_thread():  # Python lets only the main thread set handlers
         yield
         return
-
-    def stop(signum: int, frame) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-        raise Interrupted(signum, None)
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         yield
     finally:
