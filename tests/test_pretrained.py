@@ -300,6 +300,16 @@ def test_a_bpe_export_has_gpt2s_tokenizer_files(tmp_path, tiktoken_cache):
         BPE_FILES_SHA256
 
 
+def test_overwriting_a_bpe_export_with_a_char_model_leaves_no_bpe_tokenizer_files(tmp_path, tiktoken_cache):
+    """AutoTokenizer.from_pretrained would read the old files: GPT-2's BPE for a model of characters."""
+    export_hf(make_model(), tmp_path, tokenizer_meta={"name": "gpt2"})
+    (tmp_path / "tokenizer.json").write_text("{}")  # as transformers' save_pretrained writes beside them
+    chars = "".join(chr(32 + i) for i in range(CONFIG.vocab_size))
+    export_hf(make_model(), tmp_path, overwrite=True, tokenizer_meta={"name": "char", "chars": chars})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "config.json").read_text())["mlxgpt_tokenizer"]["chars"] == chars
+
+
 def test_transformers_tokenizes_a_bpe_export_as_tiktoken(tmp_path, tiktoken_cache):
     transformers = pytest.importorskip("transformers")
     from mlxgpt.tokenizer import GPT2Tokenizer

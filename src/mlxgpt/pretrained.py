@@ -27,6 +27,9 @@ MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 MODEL_CONFIGS = {"gpt2": "gpt2_small", "gpt2-medium": "gpt2_medium", "gpt2-large": "gpt2_large", "gpt2-xl": "gpt2_xl"}
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 RUN_FILES = ("state.json", "checkpoints", ".hydra")  # what marks an mlxgpt checkpoint or run directory
+# the files AutoTokenizer reads: an export replaces those of the one it overwrites (a char model has none)
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+                   "added_tokens.json")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 # config.json settings that change a GPT-2's outputs, at the only values our GPT computes (HF's defaults)
 GPT2_SETTINGS = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -179,6 +182,8 @@ def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False, tokenize
         "eos_token_id": eos,
         "torch_dtype": str(model.wte.weight.dtype).removeprefix("mlx.core."),
     }
+    for name in TOKENIZER_FILES:
+        (out / name).unlink(missing_ok=True)
     if tokenizer_meta and tokenizer_meta.get("name") == "char":
         hf_config["mlxgpt_tokenizer"] = tokenizer_meta
     if tokenizer_meta and tokenizer_meta.get("name") == "gpt2":  # AutoTokenizer.from_pretrained(out) gets GPT-2's BPE
