@@ -22,7 +22,7 @@ from mlxgpt.optim import build_optimizer, build_schedule
 from mlxgpt.pretrained import export_hf
 from mlxgpt.sampling import sample
 from mlxgpt.task import _build_model
-from mlxgpt.tokenizer import CharTokenizer
+from mlxgpt.tokenizer import EOT_TEXT, CharTokenizer, GPT2Tokenizer
 from mlxgpt.trainer import Trainer
 from test_model import make_model
 
@@ -140,3 +140,15 @@ def test_a_hugging_face_export_samples_as_its_run_did(tmp_path):
     runs = [joined(sample(options(tmp_path / where, prompt="abc", num_samples=2, max_new_tokens=20, temperature=0.8,
                                 seed=5))) for where in ("run", "hf")]
     assert runs[0] == runs[1] and runs[0][0] != runs[0][1]
+
+
+def test_an_endoftext_prompt_is_gpt2s_eot_token_as_in_nanogpt(tmp_path, tiktoken_cache):
+    """nanoGPT's sample.py --start='<|endoftext|>' starts from the EOT token (50256), not from the 7 tokens of its text."""
+    model = make_model(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=32), 0, scale=0.5)
+    state = {"iter": 1, "tokens_seen": 0, "best_val_loss": None, "seed": 0, "config": {},
+             "model_config": asdict(model.config), "tokenizer": GPT2Tokenizer().to_meta()}
+    checkpoint.save_checkpoint(tmp_path / "checkpoints", model.parameters(), {}, state, is_best=False, keep=5)
+    tokens = model.generate(mx.array([[50256]]), 8, temperature=0, vocab_size=50257)
+    expected = EOT_TEXT + GPT2Tokenizer().decode(list(tokens))
+    texts = joined(sample(options(tmp_path, prompt=EOT_TEXT, num_samples=1, max_new_tokens=8, temperature=0.0)))
+    assert texts == [expected]

@@ -46,7 +46,7 @@ def sample(cfg) -> Iterator[Iterator[str]]:
         if not prompt_path.is_file():
             raise UserError(f"prompt file {prompt_path} does not exist; give an existing file as prompt=FILE:<path>")
         prompt = read_utf8(prompt_path, "give another prompt=FILE:<path>")
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_token or 0]
+    ids = tokenizer.encode_prompt(prompt)
     context = model.config.block_size
     if len(ids) > context:
         raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}; shorten it")

@@ -41,6 +41,10 @@ class CharTokenizer:
                 "use only characters that occur in the training text, or a BPE dataset (data.tokenizer=gpt2)"
             ) from None
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a generation starts from: the text's (the first character's id for an empty text)."""
+        return self.encode(text) or [0]
+
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
@@ -72,6 +76,11 @@ class GPT2Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._bpe.encode_ordinary(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a generation starts from: the text's, with `<|endoftext|>` as the EOT token (as nanoGPT's sample.py;
+        the EOT token alone for an empty text)."""
+        return self._bpe.encode(text, allowed_special={EOT_TEXT}) or [self.eot_token]
 
     def encode_array(self, text: str) -> np.ndarray:
         """encode() as a uint16 array, without building a Python list (several times faster)."""

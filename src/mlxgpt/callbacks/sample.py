@@ -34,7 +34,7 @@ class SampleCallback(Callback):
 
     def on_train_start(self, trainer) -> None:
         try:
-            trainer.tokenizer.encode(self.prompt)  # before training, not at its end
+            trainer.tokenizer.encode_prompt(self.prompt)  # before training, not at its end
         except UserError as e:
             raise UserError(f"callbacks.sample.prompt={self.prompt!r}: {e}") from None
         self._evals = trainer.extra_state.get(STATE_KEY, 0)
@@ -60,7 +60,7 @@ class SampleCallback(Callback):
         """Generate one sample (seeded by the iteration, so it never disturbs training randomness); `stoppable`: None,
         and nothing recorded, once a stop is asked (the sample at the end of a run: training is done)."""
         tokenizer, model = trainer.tokenizer, trainer.model
-        prompt_ids = tokenizer.encode(self.prompt) or [tokenizer.eot_token or 0]
+        prompt_ids = tokenizer.encode_prompt(self.prompt)
         mx.random.seed(trainer.seed + trainer.iter)
         ids = []
         with contextlib.closing(model.generate(mx.array([prompt_ids]), self.max_new_tokens, top_k=self.top_k,
