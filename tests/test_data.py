@@ -369,6 +369,27 @@ def test_hf_bad_settings_are_user_errors(tmp_path, tiktoken_cache):
         prepare(data_cfg(tmp_path, tokenizer="gpt2", **{**base, "data_files": str(tmp_path / "missing.parquet")}))
 
 
+def test_local_hf_files_that_do_not_load_are_one_line_errors_naming_the_cause_and_the_local_fix(tmp_path, tiktoken_cache):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": make_docs(20)}), folder / "a.parquet")
+    pq.write_table(pa.table({"body": make_docs(20)}), folder / "b.parquet")
+    base = dict(source="hf", tokenizer="gpt2", num_proc=1)
+    cases = [  # (settings, what the error must say)
+        (dict(path=str(folder)), r"^data.path=\S+ is not a directory that datasets' save_to_disk wrote \(.+\); for data "
+                                 r"files use data.hf_path=parquet\|json\|csv\|text data.data_files='<files>'$"),
+        (dict(hf_path=str(folder / "a.parquet")), r"^data.hf_path=\S+a.parquet is a file, not a dataset: name its format "
+                                                  r"and the file, data.hf_path=parquet\|json\|csv\|text data.data_files="),
+    ]
+    for workers in (1, 2):  # with 2, the cause comes from a worker process
+        cases.append((dict(hf_path="parquet", data_files=str(folder / "*.parquet"), num_proc=workers),
+                      r"^cannot load the dataset .*CastError: Couldn't cast .* because column names don't match"))
+    for settings, message in cases:
+        with pytest.raises(UserError, match=message) as error:
+            prepare(data_cfg(tmp_path, **{**base, **settings}))
+        assert "network" not in str(error.value) and "\n" not in str(error.value)
+
+
 def test_hf_text_column_of_numbers_is_a_user_error_naming_the_string_columns(tmp_path, tiktoken_cache):
     pq.write_table(pa.table({"id": list(range(20)), "body": make_docs(20)}), tmp_path / "docs.parquet")
     for streaming in (False, True):

@@ -16,6 +16,9 @@ from mlxgpt.digest import file_sha256
 from mlxgpt.errors import UserError
 from mlxgpt.hub import offline_unless_reachable
 
+FILE_BUILDERS = "parquet|json|csv|text"  # datasets' builders of local data files
+
+
 def read_text(cfg) -> tuple[str, str]:
     """A single-text corpus (pydoc, url or text) and the sha256 of its content."""
     if cfg.source == "pydoc":
@@ -75,6 +78,9 @@ def text_files(pattern: str | None) -> list[Path]:
 
 def load_documents(cfg):
     """The documents of a Hugging Face dataset: a datasets.Dataset, or an IterableDataset when data.streaming."""
+    if not cfg.path and cfg.hf_path and Path(cfg.hf_path).expanduser().is_file():
+        raise UserError(f"data.hf_path={cfg.hf_path} is a file, not a dataset: name its format and the file, "
+                        f"data.hf_path={FILE_BUILDERS} data.data_files={cfg.hf_path}")
     if not cfg.path:
         offline_unless_reachable()
     import datasets
@@ -88,11 +94,7 @@ def load_documents(cfg):
                 streaming=cfg.streaming, num_proc=None if cfg.streaming else (cfg.num_proc or os.cpu_count()),
             )
     except Exception as e:  # hub, network, file and format errors all end here
-        where = f"data.path={cfg.path}" if cfg.path else f"data.hf_path={cfg.hf_path} hf_name={cfg.hf_name} hf_revision={cfg.hf_revision} data_files={plain(cfg.data_files)}"
-        local = "" if cfg.path else (", or use a local copy: data.path=<datasets.save_to_disk dir> or data.hf_path=parquet "
-                                     "data.data_files='<dir>/*.parquet'")
-        raise UserError(f"cannot load the dataset {where} split {cfg.hf_split} ({type(e).__name__}: {str(e)[:200]}); "
-                        f"check these settings and the network{local}") from e
+        raise _not_loaded(cfg, e) from e
     if isinstance(ds, datasets.DatasetDict):
         if cfg.hf_split not in ds:
             raise UserError(f"data.path={cfg.path} has no split {cfg.hf_split!r} (splits: {list(ds)}); set data.hf_split")
@@ -106,6 +108,37 @@ def load_documents(cfg):
     if cfg.max_documents is not None:
         ds = ds.take(cfg.max_documents) if cfg.streaming else ds.select(range(min(cfg.max_documents, len(ds))))
     return ds
+
+
+def _not_loaded(cfg, error: Exception) -> UserError:
+    """The one-line error for a dataset that does not load: its cause, and the fix where the data comes from (a saved
+    dataset, local files, the hub)."""
+    reason = _root_cause(error)
+    if cfg.path:
+        return UserError(f"data.path={cfg.path} is not a directory that datasets' save_to_disk wrote ({reason}); for "
+                         f"data files use data.hf_path={FILE_BUILDERS} data.data_files='<files>'")
+    where = (f"data.hf_path={cfg.hf_path} hf_name={cfg.hf_name} hf_revision={cfg.hf_revision} "
+             f"data_files={plain(cfg.data_files)} split {cfg.hf_split}")
+    local_files = [f for f in _flatten(plain(cfg.data_files)) if "://" not in f]
+    if local_files or (cfg.hf_path and Path(cfg.hf_path).expanduser().is_dir()):
+        return UserError(f"cannot load the dataset {where} ({reason}); check these settings and the files")
+    return UserError(f"cannot load the dataset {where} ({reason}); check these settings and the network, or use a "
+                     f"local copy: data.path=<datasets.save_to_disk dir> or data.hf_path=parquet "
+                     f"data.data_files='<dir>/*.parquet'")
+
+
+def _root_cause(error: BaseException) -> str:
+    """'Type: message' of what made a load fail, in one line (of a long message, its first and last lines): the cause
+    of datasets' DatasetGenerationError ("An error occurred..."), also one a worker process raised (a RemoteTraceback,
+    whose text is the traceback: its first exception, after its last indented line)."""
+    while type(error).__name__ == "DatasetGenerationError" and error.__cause__:
+        error = error.__cause__
+    lines = f"{type(error).__name__}: {error}".splitlines()
+    if type(error).__name__ == "RemoteTraceback":
+        lines = str(error).split("The above exception was the direct cause")[0].splitlines()
+        lines = lines[max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1) + 1:]
+    lines = [line.strip()[:200] for line in lines if line.strip() and line.strip() != '"""']
+    return " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(error).__name__
 
 
 def _check_text_column(features, column: str) -> None:
