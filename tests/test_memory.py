@@ -95,6 +95,14 @@ def test_evaluating_init_from_weights_counts_no_optimizer_state(monkeypatch):
         memory.check_fits(resumed)
 
 
+def test_gpt2_weights_too_large_to_fine_tune_name_the_largest_gpt2_that_fits(monkeypatch):
+    """The README's fine-tune (gpt2-xl) on a 16 GB Mac: a smaller model.n_layer would not match the weights."""
+    on_a_16_gb_mac(monkeypatch)
+    with pytest.raises(UserError, match=r"need at least 31.2 GB .*; use smaller GPT-2 weights: init_from=gpt2-large "
+                                        r"model=gpt2_large$"):
+        memory.check_fits(config("experiment=finetune_shakespeare", base=[]))
+
+
 def test_refused_only_when_sure_warned_when_it_may_not_fit(monkeypatch):
     cfg = config()
     need = memory.memory_need(cfg, on_gpu=False)

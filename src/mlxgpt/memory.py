@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mlxgpt import device
 from mlxgpt.errors import UserError
+from mlxgpt.pretrained import GPT2_SIZES, MODEL_CONFIGS
 
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # float32 arrays per parameter: Adam's moments, SGD's momentum
 GPT2_VOCAB = 50304  # the gpt2 tokenizer's 50257 ids padded to a multiple of 64 (task._pad)
@@ -99,8 +100,8 @@ def check_fits(cfg: DictConfig) -> str | None:
             + (f", optimizer={cfg.optimizer.name} state" if holds_optimizer_state(t) else ""))
     if need.model > available:
         raise UserError(f"the model does not fit in memory: its {need.params / 1e6:,.1f}M parameters need at least "
-                        f"{need.model / 1e9:,.1f} GB ({held}), more than {where}; use a smaller model "
-                        f"(model.n_layer, model.n_embd)")
+                        f"{need.model / 1e9:,.1f} GB ({held}), more than {where}; "
+                        f"{_smaller_model(cfg, on_gpu, available)}")
     micro_batch = f"a micro-batch of {t.batch_size} x {t.block_size or cfg.model.block_size} tokens"
     smaller_batch = "lower trainer.batch_size" + (
         "" if t.eval_only else " (more trainer.gradient_accumulation_steps keep the tokens per step)")
@@ -118,3 +119,14 @@ def check_fits(cfg: DictConfig) -> str | None:
                 f"{micro_batch} (weights, gradients, optimizer state, activations), more than {where}; if it fails "
                 f"or swaps: {fixes}")
     return None
+
+
+def _smaller_model(cfg: DictConfig, on_gpu: bool, available: int) -> str:
+    """How to use a model that fits: fewer layers or a narrower one; with GPT-2 weights (whose sizes are fixed),
+    the largest smaller GPT-2 whose model fits."""
+    if cfg.init_from not in GPT2_SIZES:
+        return "use a smaller model (model.n_layer, model.n_embd)"
+    for name in reversed(list(GPT2_SIZES)[:list(GPT2_SIZES).index(cfg.init_from)]):
+        if memory_need(OmegaConf.merge(cfg, {"model": GPT2_SIZES[name]}), on_gpu).model <= available:
+            return f"use smaller GPT-2 weights: init_from={name} model={MODEL_CONFIGS[name]}"
+    return "even GPT-2 124M's weights (init_from=gpt2) do not fit"
