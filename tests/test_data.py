@@ -21,6 +21,7 @@ from mlxgpt.data import TokenData, load_data, prepare
 from mlxgpt.data.sources import pydoc_text
 from mlxgpt.errors import UserError
 from mlxgpt.hub import PROXY_VARIABLES
+from mlxgpt.tokenizer import GPT2Tokenizer
 
 prepare_module = importlib.import_module("mlxgpt.data.prepare")  # the module (mlxgpt.data.prepare is the function)
 REAL_TOKENIZE, REAL_WRITE_JSON = prepare_module._tokenize_batch, prepare_module._write_json
@@ -74,6 +75,39 @@ def test_shakespeare_gpt2_counts_match_nanogpt(tmp_path, shared_dir, tiktoken_ca
     path = shared_dir / "data" / "tinyshakespeare" / "input.txt"
     data = load_data(data_cfg(tmp_path, name="shakespeare", source="url", tokenizer="gpt2", path=str(path), sha256=SHAKESPEARE_SHA256))
     assert (data.num_tokens("train"), data.num_tokens("val"), data.vocab_size) == (301_966, 36_059, 50257)
+
+
+def test_a_text_tokenized_in_pieces_has_the_whole_texts_tokens(tmp_path, shared_dir, tiktoken_cache, monkeypatch):
+    text = (shared_dir / "data" / "tinyshakespeare" / "input.txt").read_text() + "x  \n\n y\n\tz \n"
+    (tmp_path / "input.txt").write_text(text)
+    whole = np.array(GPT2Tokenizer().encode(text[:int(len(text) * 0.9)]), dtype=np.uint16)
+    monkeypatch.setattr(prepare_module, "TEXT_PIECE_CHARS", 1000)  # ~1000 pieces, cut after newlines
+    data = load_data(data_cfg(tmp_path, source="text", tokenizer="gpt2", path=str(tmp_path / "input.txt")))
+    assert np.array_equal(stream(data, "train"), whole)
+
+
+PEAK_MEMORY = """
+import re, sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from mlxgpt.config import DataConfig
+from mlxgpt.data import prepare
+peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+before = peak()  # (not ru_maxrss: a child process starts with its parent's)
+prepare(OmegaConf.structured(DataConfig(source="text", tokenizer=sys.argv[1], path=sys.argv[2], cache_dir=sys.argv[3])))
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from Linux's /proc")
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_a_large_text_is_prepared_in_memory_of_a_few_times_its_size(tmp_path, shared_dir, tiktoken_cache, tokenizer):
+    """A Python list of its token ids took ~11x the text's size (a 1 GB text: 11 GB)."""
+    text = tmp_path / "large.txt"
+    text.write_text((shared_dir / "data" / "tinyshakespeare" / "input.txt").read_text() * 30)  # 33 MB
+    grew = subprocess.run([sys.executable, "-c", PEAK_MEMORY, tokenizer, str(text), str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300, check=True).stdout
+    assert int(grew) < 5 * text.stat().st_size, grew
 
 
 def test_pydoc_default_is_embedded_and_a_rerun_is_a_no_op(tmp_path):

@@ -31,6 +31,8 @@ from mlxgpt.tokenizer import get_tokenizer
 PROGRESS_FILE = "progress.json"
 LOCK_FILE = ".lock"
 DOCS_PER_TASK = 256  # documents per tokenizer task: big enough to amortize inter-process transfer
+TEXT_PIECE_CHARS = 1 << 22  # characters of a single text tokenized at a time
+PIECE_CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a lone newline: a cut after it keeps the text's GPT-2 tokens
 SPLITS = ("train", "val")
 WRITE_ERRORS = DISK_ERRORS | {errno.ENOTDIR, errno.ENOENT}  # the data dir's path, below a file or gone
 
@@ -185,11 +187,25 @@ def _tokenize_text(cfg, directory: Path, text: str):
         _check_chars(text, tokenizer.chars)
     cut = int(len(text) * (1 - cfg.val_fraction))
     splits = {}
-    for split, part in zip(SPLITS, (text[:cut], text[cut:])):
-        writer = ShardWriter(directory, split, cfg.shard_tokens)
-        writer.write(np.array(tokenizer.encode(part), dtype=np.uint16))
-        splits[split] = writer.finish()
+    with tqdm(total=len(text), unit="char", unit_scale=True, desc=f"prepare {cfg.name}",
+              disable=len(text) <= TEXT_PIECE_CHARS) as bar:
+        for split, (start, end) in zip(SPLITS, ((0, cut), (cut, len(text)))):
+            writer = ShardWriter(directory, split, cfg.shard_tokens)
+            for piece in _pieces(text, start, end):
+                writer.write(np.array(tokenizer.encode(piece), dtype=np.uint16))
+                bar.update(len(piece))
+            splits[split] = writer.finish()
     return tokenizer, splits
+
+
+def _pieces(text: str, start: int, end: int):
+    """text[start:end] in pieces of about TEXT_PIECE_CHARS characters (bounded memory for a large text), each cut after
+    a newline between non-spaces: a token of its own in GPT-2's BPE, so the pieces' tokens are the whole text's."""
+    while start < end:
+        found = PIECE_CUT.search(text, min(start + TEXT_PIECE_CHARS, end), end)
+        stop = found.end() if found else end
+        yield text[start:stop]
+        start = stop
 
 
 def _tokenize_documents(cfg, directory: Path, key: str):
