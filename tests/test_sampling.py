@@ -17,6 +17,7 @@ from mlxgpt import checkpoint
 from mlxgpt.callbacks.sample import SampleCallback
 from mlxgpt.config import SampleConfig, register_configs
 from mlxgpt.data import load_data
+from mlxgpt.errors import UserError
 from mlxgpt.model import GPT, GPTConfig
 from mlxgpt.optim import build_optimizer, build_schedule
 from mlxgpt.pretrained import export_hf
@@ -117,6 +118,12 @@ def test_prompt_file_is_read_as_the_prompt(tmp_path):
     from_file = joined(sample(options(tmp_path, prompt=f"FILE:{tmp_path}/prompt.txt", num_samples=2, max_new_tokens=12)))
     inline = joined(sample(options(tmp_path, prompt="ab\nc. ", num_samples=2, max_new_tokens=12)))
     assert from_file == inline and all(t.startswith("ab\nc. ") and len(t) == 6 + 12 for t in from_file)
+
+
+def test_a_prompt_file_that_is_a_directory_is_named_as_such(tmp_path):
+    save(tmp_path, chaotic(0), 10)
+    with pytest.raises(UserError, match=r"^prompt file \S+checkpoints is not a file; give an existing file as"):
+        next(sample(options(tmp_path, prompt=f"FILE:{tmp_path}/checkpoints")))
 
 
 def test_which_takes_the_best_or_the_last_checkpoint_and_best_falls_back_to_last(tmp_path):

@@ -44,7 +44,8 @@ def sample(cfg) -> Iterator[Iterator[str]]:
     if prompt.startswith("FILE:"):
         prompt_path = Path(prompt[5:]).expanduser()
         if not prompt_path.is_file():
-            raise UserError(f"prompt file {prompt_path} does not exist; give an existing file as prompt=FILE:<path>")
+            problem = "is not a file" if prompt_path.exists() else "does not exist"
+            raise UserError(f"prompt file {prompt_path} {problem}; give an existing file as prompt=FILE:<path>")
         prompt = read_utf8(prompt_path, "give another prompt=FILE:<path>")
     ids = tokenizer.encode_prompt(prompt)
     context = model.config.block_size
