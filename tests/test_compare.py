@@ -208,10 +208,10 @@ def test_a_reader_that_stops_early_ends_compare_quietly(grid, tmp_path):
 @pytest.mark.slow
 def test_runs_that_never_evaluated_are_compared_without_warnings(tmp_path):
     sweep = python("train.py", "-m", *TINY, f"paths.log_dir={tmp_path}/logs", "hydra.sweep.dir=logs/failed",
-                   "optimizer.lr=nan", cwd=tmp_path, check=False)  # the job fails before its first evaluation
+                   "optimizer.lr=nan,inf", cwd=tmp_path, check=False)  # the jobs fail before their first evaluation
     assert sweep.returncode == 1
     proc = python("compare.py", "logs/failed", "--out", "out", cwd=tmp_path)
-    assert proc.stderr == "" and "| 1 | 0 | " in proc.stdout
+    assert proc.stderr == "" and "| 1 | 0 | " in proc.stdout and "| 2 | 1 | " in proc.stdout
     assert (tmp_path / "out" / "val_loss.png").read_bytes().startswith(PNG)
 
 

@@ -100,6 +100,26 @@ def test_a_job_that_cannot_fit_in_memory_fails_like_an_invalid_value_and_the_oth
     assert not (sweep / "1" / "checkpoints").exists() and not (sweep / "1" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("sweep, setting, error", [
+    ("optimizer.lr=1e-3,3e-3", "trainer.batch_size=-1", "error: invalid trainer.batch_size=-1: must be >= 1"),
+    ("hparams_search=lr_depth_optuna", "init_from=missing", "error: checkpoint missing does not exist"),
+    ("hydra/launcher=submitit_local optimizer.lr=1e-3,3e-3", "+trainer.max_iter=5",
+     "error: unknown config key 'trainer.max_iter' (added with +)")])
+def test_a_setting_every_job_shares_that_is_wrong_refuses_the_sweep_before_any_job(tmp_path, sweep, setting, error):
+    proc = multirun(tmp_path, *sweep.split(), setting, returncode=2)
+    assert proc.stderr.strip().splitlines()[-1].startswith(error) and "job failed" not in proc.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_setting_that_only_some_jobs_refuse_fails_those_jobs_alone(tmp_path):
+    every = multirun(tmp_path, "optimizer.lr=1e-3,3e-3", "data.path=missing.txt", returncode=2)
+    assert every.stderr.strip().splitlines()[-1].startswith("error: data.path=missing.txt is not read by data=pydoc")
+    proc = multirun(tmp_path, "data=text,pydoc", "data.path=missing.txt", returncode=1)  # pydoc reads no data.path
+    assert "error: job failed: data.path=missing.txt matches no file" in proc.stderr
+    assert "error: job failed: data.path=missing.txt is not read by data=pydoc" in proc.stderr
+    assert {r["run"] for r in csv.DictReader(open(tmp_path / "logs" / "sweep" / "summary.csv"))} == {"0", "1"}
+
+
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="Slurm is installed here: the sweep would be submitted")
 def test_a_slurm_sweep_without_slurm_is_one_line_and_writes_nothing(tmp_path):
     proc = multirun(tmp_path, "hydra/launcher=slurm", "hydra.launcher.partition=p", "optimizer.lr=3e-4,6e-4",

@@ -13,6 +13,7 @@ import socket
 import sys
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
@@ -23,6 +24,7 @@ from mlxgpt.config import dotted, masked_container, validate
 from mlxgpt.errors import UserError, disk_error, make_dir
 from mlxgpt.memory import check_fits
 from mlxgpt.pretrained import is_pretrained
+from mlxgpt.sweep_plan import first_job_config
 
 LOCK_FILE = ".lock"
 PREVIOUS = ".previous_attempt"  # a used run dir's records as they were before this attempt rewrote them
@@ -290,6 +292,7 @@ class PreflightCheck(HydraCallback):
             if "Slurm" in str(config.hydra.launcher.get("_target_")) and shutil.which("srun") is None:
                 raise UserError("hydra/launcher=slurm needs Slurm (no srun on PATH): start the sweep on the cluster, "
                                 "or try it on this machine with hydra/launcher=submitit_local")
+            refuse_sweep_wide_error(config)
             sweep_dir = Path(config.hydra.sweep.dir)
             used = sorted(d for d in sweep_dir.glob("*") if checkpoint.latest(d / "checkpoints") is not None)
             if used and config.trainer.resume != "auto":
@@ -310,11 +313,35 @@ def check_start(t: DictConfig, run_dir: Path, init_from: str | None) -> Path | N
                         "(or gpt2, ...), with a run_name of its own")
     if t.resume is None or t.eval_only:
         refuse_used_run_dir(run_dir)
-    if init_from and not is_pretrained(init_from):  # a run or checkpoint to start from: there and whole
-        checkpoint.verify(checkpoint.resolve_best(init_from))
+    check_init_from(init_from)
     ckpt = resume_checkpoint(t.resume, run_dir)
     refuse_other_checkpoint(t.resume, ckpt, run_dir)
     return ckpt
+
+
+def check_init_from(init_from: str | None) -> None:
+    """UserError unless init_from is empty, GPT-2 weights, or a run or checkpoint dir that is there and whole."""
+    if init_from and not is_pretrained(init_from):
+        checkpoint.verify(checkpoint.resolve_best(init_from))
+
+
+def refuse_sweep_wide_error(config: DictConfig) -> None:
+    """UserError when a setting that no job of the sweep changes is wrong (trainer.batch_size=-1, a missing
+    init_from): the sweep's settings and its first job's fail alike, so every job would fail one after another."""
+    error = _config_error(lambda: config)
+    if error is not None and _config_error(lambda: first_job_config(config)) == error:
+        raise UserError(error)
+
+
+def _config_error(compose: Callable[[], DictConfig]) -> str | None:
+    """The one-line user error of a composed config's checks (those that need no run dir or device), else None."""
+    try:
+        job = compose()
+        validate(job)
+        check_init_from(job.init_from)
+    except Exception as e:
+        return user_message(e)
+    return None
 
 
 @contextlib.contextmanager
