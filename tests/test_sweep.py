@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,28 @@ def test_a_setting_that_only_some_jobs_refuse_fails_those_jobs_alone(tmp_path):
     assert "error: job failed: data.path=missing.txt matches no file" in proc.stderr
     assert "error: job failed: data.path=missing.txt is not read by data=pydoc" in proc.stderr
     assert {r["run"] for r in csv.DictReader(open(tmp_path / "logs" / "sweep" / "summary.csv"))} == {"0", "1"}
+
+
+def test_a_sweep_says_how_many_jobs_it_runs_and_which_sweep_a_later_override_replaces(tmp_path):
+    proc = multirun(tmp_path, "optimizer.lr=1e-3,3e-3", "model.n_layer=1,2", "optimizer.lr=1e-2",
+                    "trainer.max_iters=1", "trainer.eval_interval=1")
+    assert "mlxgpt: sweep of 2 jobs (model.n_layer: 2 values) into logs/sweep\n" in proc.stdout
+    assert ("mlxgpt: warning: optimizer.lr=1e-3,3e-3 is not swept: a later override of its key replaces it; give each "
+            "key once") in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "logs" / "sweep").glob("[0-9]*")) == ["0", "1"]
+
+
+def test_a_huge_grid_is_announced_before_hydra_composes_its_jobs(tmp_path):
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *TINY, f"paths.log_dir={tmp_path}/logs",
+               "hydra.sweep.dir=logs/sweep", "trainer.seed=range(0,100)", "model.n_layer=range(1,31)"]
+    with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        lines = iter(proc.stderr.readline, "")
+        warning = next(line for line in lines if "warning" in line or "error" in line)
+        proc.send_signal(signal.SIGINT)  # the user's Ctrl-C: no job started
+        assert proc.wait(timeout=60) == 130
+        assert "mlxgpt: sweep of 3,000 jobs (trainer.seed: 100 values x model.n_layer: 30) into" in proc.stdout.read()
+    assert warning.startswith("mlxgpt: warning: 3,000 jobs: Hydra checks each job's config before the first starts")
+    assert not (tmp_path / "logs" / "sweep" / "0").exists()
 
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="Slurm is installed here: the sweep would be submitted")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig
@@ -15,7 +16,7 @@ def planned_overrides(config: DictConfig) -> dict[str, Override]:
     params = config.hydra.sweeper.get("params") or {}
     args = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
     plan: dict[str, Override] = {}
-    for override in OverridesParser.create().parse_overrides(args):
+    for override in _parse(args):
         plan[override.get_key_element()] = override
     return plan
 
@@ -27,18 +28,47 @@ def values(override: Override) -> list[str] | None:
     return list(override.sweep_string_iterator()) if override.is_discrete_sweep() else None
 
 
+def swept_counts(config: DictConfig) -> dict[str, int]:
+    """Each swept key's number of values (0 for a range that an Optuna search draws from)."""
+    return {key: len(values(o) or []) for key, o in planned_overrides(config).items() if o.is_sweep_override()}
+
+
+def is_search(config: DictConfig) -> bool:
+    """Whether the sweeper searches (Optuna: a number of trials) rather than runs a grid."""
+    return config.hydra.sweeper.get("n_trials") is not None
+
+
 def job_count(config: DictConfig) -> int:
-    """The number of jobs: an Optuna search's trials, else the product of each key's number of values."""
-    trials = config.hydra.sweeper.get("n_trials")
-    if trials is not None:
-        return trials
-    return math.prod(len(values(o) or [None]) for o in planned_overrides(config).values())
+    """The number of jobs: an Optuna search's trials, else the product of each swept key's number of values."""
+    return config.hydra.sweeper.n_trials if is_search(config) else math.prod(swept_counts(config).values())
+
+
+def describe(config: DictConfig) -> str:
+    """`6 jobs (optimizer.lr: 3 values x model.n_layer: 2)`, or `12 trials` of an Optuna search."""
+    jobs = job_count(config)
+    if is_search(config):
+        return f"{jobs:,} trials"
+    counts = swept_counts(config).items()
+    swept = " x ".join(f"{key}: {n}" + (" values" if i == 0 else "") for i, (key, n) in enumerate(counts))
+    return f"{jobs:,} job{'s' * (jobs != 1)}" + (f" ({swept})" if swept else "")
+
+
+def dropped_sweeps(config: DictConfig) -> list[str]:
+    """The command line's sweeps (`optimizer.lr=1e-3,3e-3`) whose key a later override gives again: the later wins, as
+    in Hydra's sweepers, so these values are never run."""
+    overrides = _parse(list(config.hydra.overrides.task))
+    keys = [o.get_key_element() for o in overrides]
+    return [o.input_line for i, o in enumerate(overrides)
+            if o.is_sweep_override() and o.get_key_element() in keys[i + 1:]]
+
+
+def _parse(args: list[str]) -> list[Override]:
+    """Overrides parsed as the sweepers parse them (a group's glob(...) lists the group's options)."""
+    return OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
 
 
 def first_job_config(config: DictConfig) -> DictConfig:
     """The config of the sweep's first job: each swept key at its first value (a range: its lower bound)."""
-    from hydra.core.global_hydra import GlobalHydra
-
     overrides = []
     for key, override in planned_overrides(config).items():
         given = values(override)
