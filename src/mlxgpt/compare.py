@@ -198,8 +198,9 @@ def _clip(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def write_table(runs: list[Run], out_dir: Path, stem: str) -> tuple[Path, Path]:
-    """`<stem>.md` and `<stem>.csv`: every run sorted by best val loss, the best one marked."""
+def write_table(runs: list[Run], out_dir: Path, stem: str, note: str = "") -> tuple[Path, Path]:
+    """`<stem>.md` and `<stem>.csv`: every run sorted by best val loss, the best one marked; `note`: a last line of the
+    Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     keys, best = varying_keys(runs), best_run(runs)
     order = ranked(runs)
@@ -218,6 +219,8 @@ def write_table(runs: list[Run], out_dir: Path, stem: str) -> tuple[Path, Path]:
     common = [f"{k}={_given(runs, k)}" for k in _overridden(runs) if k not in keys] if len(runs) > 1 else []
     if common:
         md += ["", f"Common to all runs: `{' '.join(common)}`"]
+    if note:
+        md += ["", note]
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mlxgpt import sweep_plan
 from mlxgpt.cli import report_failed_jobs
@@ -58,5 +58,7 @@ def write_summary(sweep_dir: Path) -> list[Run] | None:
         runs = load_runs([sweep_dir])
     except UserError:
         return None
-    write_table(runs, sweep_dir, "summary")
+    planned = sweep_plan.job_count(OmegaConf.load(sweep_dir / "multirun.yaml"))
+    unstarted = f"{len(runs)} of the sweep's {planned} jobs so far: the others have not started"
+    write_table(runs, sweep_dir, "summary", unstarted if len(runs) < planned else "")
     return runs

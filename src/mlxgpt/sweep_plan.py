@@ -64,7 +64,9 @@ def dropped_sweeps(config: DictConfig) -> list[str]:
 
 def _parse(args: list[str]) -> list[Override]:
     """Overrides parsed as the sweepers parse them (a group's glob(...) lists the group's options)."""
-    return OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
+    hydra = GlobalHydra.instance()
+    loader = hydra.config_loader() if hydra.is_initialized() else None
+    return OverridesParser.create(config_loader=loader).parse_overrides(args)
 
 
 def first_job_config(config: DictConfig) -> DictConfig:
