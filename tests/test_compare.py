@@ -226,3 +226,19 @@ def test_the_curves_legend_is_whole_however_long_its_labels(mixed, tmp_path):
     image = matplotlib.image.imread(tmp_path / "val_loss.png")
     assert (image[:, -3:, :3] == 1).all()  # white margin: nothing drawn across the right edge
     assert image.shape[1] < 2000  # labels wrapped, not one long line each
+
+
+def test_every_curve_of_many_runs_has_a_style_of_its_own(grid, search, mixed, tmp_path, monkeypatch):
+    """More runs than matplotlib's 10 colours: the 11th curve was drawn exactly as the 1st (the best)."""
+    import matplotlib.pyplot as plt
+
+    from mlxgpt.compare import plot_val_curves
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    runs = load_runs([grid, search, mixed / "logs"])
+    plot_val_curves(runs, tmp_path / "val_loss.png")
+    lines = figures[0].axes[0].get_lines()
+    assert len(lines) > 10
+    assert len({(line.get_color(), line.get_marker()) for line in lines}) == len(lines)
+    assert all(float(tick).is_integer() for tick in figures[0].axes[0].get_xticks())  # iterations, not 2.5

@@ -22,6 +22,7 @@ from mlxgpt.errors import UserError, make_dir
 
 # where a run is kept, not what it does
 IGNORED_KEYS = ("hydra.", "paths.", "run_name", "logger.mode", "trainer.resume")
+COLORS, MARKERS = 10, "os^Dv<>pX*"  # a curve's colour (matplotlib's C0-C9) and marker: 100 runs tell apart
 GRID_MAX_VALUES = 5  # a numeric parameter taking more values than this, most runs their own, is drawn as a scatter
 
 
@@ -250,6 +251,11 @@ def _wrap(label: str, width: int = 60) -> str:
     return "\n".join(lines)
 
 
+def _val_points(run: Run) -> list[tuple[int, float]]:
+    """(iteration, val loss) of each of the run's evaluations."""
+    return [(e["iter"], e["val/loss"]) for e in run.evals if _finite(e.get("val/loss"))]
+
+
 def plot_val_curves(runs: list[Run], path: Path) -> Path:
     """Val loss against iterations, one line per run (failed runs dashed, the best one thick)."""
     import matplotlib
@@ -257,13 +263,15 @@ def plot_val_curves(runs: list[Run], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     keys, best = varying_keys(runs), best_run(runs)
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for r in ranked(runs):
-        points = [(e["iter"], e["val/loss"]) for e in r.evals if _finite(e.get("val/loss"))]
-        if points:
-            ax.plot(*zip(*points), marker=".", linestyle="-" if r.status == "ok" else "--",
-                    linewidth=2.8 if r is best else 1.2, label=_wrap(f"{describe(r, keys)} ({_fmt(r.best_val_loss)})"))
+    for i, r in enumerate(r for r in ranked(runs) if _val_points(r)):  # failed early: no val loss, no curve
+        ax.plot(*zip(*_val_points(r)), color=f"C{i % COLORS}", marker=MARKERS[i // COLORS % len(MARKERS)], markersize=4,
+                linestyle="-" if r.status == "ok" else "--", linewidth=2.8 if r is best else 1.2,
+                label=_wrap(f"{describe(r, keys)} ({_fmt(r.best_val_loss)})"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations: 0, 5, 10, not 2.5
     ax.set_xlabel("iteration")
     ax.set_ylabel("val loss")
     ax.set_title(_wrap("validation loss" + (f" (best: {describe(best, keys)})" if best else ""), width=100))
