@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mlxgpt.compare import find_run_dirs, is_continuous, load_runs, tick_label, varying_keys
+from mlxgpt.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=nano", "model.n_embd=32", "model.block_size=32", "trainer.batch_size=4", "trainer.max_iters=10",
@@ -87,6 +88,16 @@ def test_compare_writes_a_sorted_table_curves_and_a_heatmap(grid, tmp_path):
         ("0.001", "1"), ("0.001", "2"), ("0.01", "1"), ("0.01", "2")}
     md = (out / "table.md").read_text().splitlines()
     assert md[2].startswith(f"| 1 (best) | {rows[0]['run']} |")
+    assert "| best val loss | at iter |" in md[0] and "| params | train time |" in md[0]
+    for r in rows:  # what picks a run besides its loss: when it was best, its size, its cost
+        evals = [e for e in map(json.loads, (grid / r["run"] / "metrics.jsonl").read_text().splitlines())
+                 if e["event"] == "eval"]
+        assert int(r["best_iter"]) == min(evals, key=lambda e: e["val/loss"])["iter"]
+        state = json.loads((grid / r["run"] / "checkpoints/last/state.json").read_text())
+        assert int(r["num_params"]) == GPT(GPTConfig(**state["model_config"])).num_params()
+        assert 0 < float(r["train_seconds"]) < 60
+    assert {r["num_params"] for r in rows if r["model.n_layer"] == "1"} != {r["num_params"] for r in rows
+                                                                          if r["model.n_layer"] == "2"}
     for png in ("val_loss.png", "heatmap.png"):
         assert (out / png).read_bytes().startswith(PNG)
 

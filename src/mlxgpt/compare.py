@@ -59,6 +59,21 @@ class Run:
         return statistics.median(rates) if rates else math.nan
 
     @property
+    def best_iter(self) -> int | None:
+        """The iteration of the best val loss (None when no evaluation has one)."""
+        scored = [e for e in self.evals if _finite(e.get("val/loss"))]
+        return min(scored, key=lambda e: e["val/loss"])["iter"] if scored else None
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in training steps (evaluations and checkpoints left out), summed over the log intervals."""
+        seconds, previous = 0.0, 0
+        for r in self.logs:
+            seconds += r["dt_s"] * (r["iter"] - previous) if _finite(r.get("dt_s")) else 0.0
+            previous = r["iter"]
+        return seconds if self.logs else math.nan
+
+    @property
     def iters(self) -> int:
         return max((r["iter"] for r in self.logs + self.evals), default=0)
 
@@ -190,6 +205,15 @@ def _fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if _finite(x) else "-"
 
 
+def _duration(seconds: float) -> str:
+    """`45 s`, `12.5 min`, `3.2 h` ('-' when unknown)."""
+    if not _finite(seconds):
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def tick_label(value: Any) -> str:
     """A parameter value for an axis: floats to 3 significant digits (0.000316, not 0.00031622776601683794)."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
@@ -205,18 +229,22 @@ def write_table(runs: list[Run], out_dir: Path, stem: str, note: str = "") -> tu
     out_dir.mkdir(parents=True, exist_ok=True)
     keys, best = varying_keys(runs), best_run(runs)
     order = ranked(runs)
-    md = ["| rank | run | overrides | best val loss | final train loss | tok/s | iters | status |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = ["| rank | run | overrides | best val loss | at iter | final train loss | tok/s | iters | params | train time "
+          "| status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for i, r in enumerate(order, 1):
         rank = f"{i} (best)" if r is best else str(i)
         status = f"failed: {_clip(r.error)}" if r.status == "failed" and r.error else r.status
+        params = r.result.get("num_params")
         md.append(f"| {rank} | {r.name} | {describe(r, keys)} | {_fmt(r.best_val_loss)} | "
-                  f"{_fmt(r.final_train_loss)} | {_fmt(r.tok_per_s, 0)} | {r.iters} | {status.replace('|', '/')} |")
+                  f"{'-' if r.best_iter is None else r.best_iter} | {_fmt(r.final_train_loss)} | "
+                  f"{_fmt(r.tok_per_s, 0)} | {r.iters} | {'-' if params is None else f'{params / 1e6:.2f}M'} | "
+                  f"{_duration(r.train_seconds)} | {status.replace('|', '/')} |")
         rows.append({"rank": i, "is_best": r is best, "run": r.name, "overrides": describe(r, keys),
-                     **{k: r.value(k) for k in keys}, "best_val_loss": r.best_val_loss,
+                     **{k: r.value(k) for k in keys}, "best_val_loss": r.best_val_loss, "best_iter": r.best_iter,
                      "final_train_loss": r.final_train_loss, "tok_per_s": r.tok_per_s, "iters": r.iters,
-                     "status": r.status, "error": r.error, "path": shown_path(r.path)})
+                     "num_params": params, "train_seconds": r.train_seconds, "status": r.status, "error": r.error,
+                     "path": shown_path(r.path)})
     common = [f"{k}={_given(runs, k)}" for k in _overridden(runs) if k not in keys] if len(runs) > 1 else []
     if common:
         md += ["", f"Common to all runs: `{' '.join(common)}`"]

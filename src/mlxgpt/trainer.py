@@ -56,7 +56,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.log_loss_sum, self.log_steps = 0.0, 0  # the train losses since the last log (saved: resume logs the same)
         self.extra_state: dict[str, Any] = {}  # callbacks' resumable state (e.g. the W&B run id)
-        self.summary: dict[str, Any] = {}  # the latest value of every logged metric
+        self.summary: dict[str, Any] = {"num_params": model.num_params()}  # and the latest value of every logged metric
         self.should_stop = False
         self.eval_pending = False  # a signal stopped the evaluation of this iteration: a continued run does it first
         self._signals: StopSignals | None = None  # while fit() runs: the stop requests (SIGINT, SIGTERM)
@@ -356,7 +356,7 @@ class Trainer:
         return self.summary
 
     def stop_requested(self) -> int | None:
-        """The signal this process was asked to stop on during fit (no collective: the ranks agree at the step's end)."""
+        """The signal this process was asked to stop on in fit (no collective: the ranks agree at the step's end)."""
         return self._signals.signum if self._signals is not None else None
 
 
