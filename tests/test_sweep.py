@@ -125,6 +125,7 @@ def test_a_sweep_says_how_many_jobs_it_runs_and_which_sweep_a_later_override_rep
     proc = multirun(tmp_path, "optimizer.lr=1e-3,3e-3", "model.n_layer=1,2", "optimizer.lr=1e-2",
                     "trainer.max_iters=1", "trainer.eval_interval=1")
     assert "mlxgpt: sweep of 2 jobs (model.n_layer: 2 values) into logs/sweep\n" in proc.stdout
+    assert "mlxgpt: sweep of 2 jobs (0 failed) summarised in " in proc.stdout
     assert ("mlxgpt: warning: optimizer.lr=1e-3,3e-3 is not swept: a later override of its key replaces it; give each "
             "key once") in proc.stderr
     assert sorted(p.name for p in (tmp_path / "logs" / "sweep").glob("[0-9]*")) == ["0", "1"]
