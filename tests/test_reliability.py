@@ -218,6 +218,21 @@ def test_continuing_with_other_settings_warns_naming_them(work, base):
 
 
 @pytest.mark.slow
+def test_continuing_on_a_text_that_changed_since_warns_that_the_data_differs(work):
+    """Same settings, same characters, other text: the batches differ from an uninterrupted run's."""
+    text = work / "edited.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 300)
+    train(work, "edited", "data=text", f"data.path={text}", "trainer.max_iters=10")
+    text.write_text("the lazy dog jumps over the quick brown fox\n" * 300)
+    proc = train(work, "edited", "data=text", f"data.path={text}", "trainer.max_iters=12", "trainer.resume=auto")
+    (warning,) = [line for line in proc.stderr.splitlines() if "settings it was not trained with" in line]
+    assert re.search(r"with settings it was not trained with: the data's text \(prepared as text-\w+, was text-\w+\)",
+                     warning), warning
+    again = train(work, "edited", "data=text", f"data.path={text}", "trainer.max_iters=14", "trainer.resume=auto")
+    assert "settings it was not trained with" not in again.stderr  # the checkpoint at 12 was trained on this text
+
+
+@pytest.mark.slow
 def test_a_stop_during_the_evaluation_before_training_ends_the_run_at_once(work):
     proc = start(work, "eval_stop", "trainer.eval_iters=1000000")  # an evaluation of hours
     try:

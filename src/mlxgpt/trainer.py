@@ -78,7 +78,7 @@ class Trainer:
                 "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
                 "seed": self.seed, "world": self.world, "log_window": [self.log_loss_sum, self.log_steps],
                 "eval_pending": self.eval_pending,
-                "model_config": asdict(self.model.config),
+                "model_config": asdict(self.model.config), "data": self.data.directory.name,
                 "tokenizer": self.tokenizer.to_meta(), "extra": self.extra_state,
                 "config": masked_container(self.cfg)}
 
@@ -101,6 +101,10 @@ class Trainer:
     def _warn_changed_settings(self, ckpt: Path, state: dict) -> None:
         """Warn when the run continues with settings its checkpoint was not trained with (lr, seed, batch...)."""
         changed = [] if self.cfg.trainer.eval_only else changed_settings(state["config"], self.cfg)
+        data = self.data.directory.name  # the prepared data's name and key: the source's digest, the split, tokenizer
+        if state.get("data", data) != data and not self.cfg.trainer.eval_only and not any(
+                c.startswith("data.") for c in changed):  # same data settings: the text itself changed
+            changed.append(f"the data's text (prepared as {data}, was {state['data']})")
         if changed:
             log.warning(f"mlxgpt: warning: continuing {ckpt} with settings it was not trained with: "
                         f"{', '.join(changed)}; the run's config now records these")
