@@ -722,7 +722,7 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
         "callback option: sample prompt outside the vocabulary": (run("b17", "callbacks.sample.prompt=\u03b6"),
                                                                   "callbacks.sample.prompt", None),
         "callback option: checked before the data is read": (
-            run("b18", "callbacks.sample.temperature=-1", "data=text", "data.path=missing.txt"),
+            run("b18", "callbacks.sample.temperature=-1", "data=text", f"data.path={work}/accents.txt"),
             "callbacks.sample: temperature=-1", None),
         "callback option: early stopping without evaluations": (
             run("b19", "callbacks=[sample,early_stopping]"), "use callbacks=[default,early_stopping]", None),
@@ -809,8 +809,8 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(bad_input_results, 
 
 
 @pytest.mark.slow
-def test_a_missing_or_broken_init_from_is_refused_before_the_run_directory_is_made(bad_input_results, work):
-    for name, run_name in [("init_from: missing", "b10"), ("init_from: truncated", "b11"),
+def test_a_missing_data_file_or_init_from_is_refused_before_the_run_directory_is_made(bad_input_results, work):
+    for name, run_name in [("missing data file", "b1"), ("init_from: missing", "b10"), ("init_from: truncated", "b11"),
                            ("init_from: not a checkpoint", "b13")]:
         assert bad_input_results[1][name].returncode == 2 and not run_dir(work, run_name).exists(), name
 

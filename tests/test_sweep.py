@@ -105,7 +105,8 @@ def test_a_job_that_cannot_fit_in_memory_fails_like_an_invalid_value_and_the_oth
     ("optimizer.lr=1e-3,3e-3", "trainer.batch_size=-1", "error: invalid trainer.batch_size=-1: must be >= 1"),
     ("hparams_search=lr_depth_optuna", "init_from=missing", "error: checkpoint missing does not exist"),
     ("hydra/launcher=submitit_local optimizer.lr=1e-3,3e-3", "+trainer.max_iter=5",
-     "error: unknown config key 'trainer.max_iter' (added with +)")])
+     "error: unknown config key 'trainer.max_iter' (added with +)"),
+    ("optimizer.lr=1e-3,3e-3 data=text", "data.path=missing.txt", "error: data.path=missing.txt matches no file")])
 def test_a_setting_every_job_shares_that_is_wrong_refuses_the_sweep_before_any_job(tmp_path, sweep, setting, error):
     proc = multirun(tmp_path, *sweep.split(), setting, returncode=2)
     assert proc.stderr.strip().splitlines()[-1].startswith(error) and "job failed" not in proc.stderr

@@ -22,6 +22,7 @@ from mlxgpt import checkpoint
 from mlxgpt.cli import fail, user_message
 from mlxgpt.config import dotted, masked_container, validate
 from mlxgpt.errors import UserError, disk_error, make_dir
+from mlxgpt.data.sources import check_source
 from mlxgpt.memory import check_fits
 from mlxgpt.pretrained import is_pretrained
 from mlxgpt.sweep_plan import first_job_config
@@ -268,6 +269,7 @@ class PreflightCheck(HydraCallback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         with _exit_on_user_error():
             validate(config)
+            check_source(config.data)
             check_fits(config)  # the warning that it may not fit is the run's own (build_trainer)
             for group in ("sweep", "hparams_search"):
                 if config.hydra.runtime.choices.get(group):
@@ -338,6 +340,7 @@ def _config_error(compose: Callable[[], DictConfig]) -> str | None:
     try:
         job = compose()
         validate(job)
+        check_source(job.data)
         check_init_from(job.init_from)
     except Exception as e:
         return user_message(e)

@@ -66,6 +66,12 @@ def url_file(cfg) -> tuple[Path, str]:
     return path, sha256
 
 
+def check_source(cfg) -> None:
+    """UserError when the local files a data config names are not there (data=text), before a run starts."""
+    if cfg.source == "text":
+        text_files(cfg.path)
+
+
 def text_files(pattern: str | None) -> list[Path]:
     """The files named by data.path (a file, a directory or a glob pattern), sorted; UserError if none."""
     if not pattern:
