@@ -42,8 +42,7 @@ class SweepSummary(Callback):
             return
         failed = [r for r in runs if r.status != "ok"]
         best = best_run(runs)
-        jobs = f"{len(runs)} job{'s' * (len(runs) != 1)}"
-        print(f"mlxgpt: sweep of {jobs} ({len(failed)} failed) summarised in {sweep_dir / 'summary.md'} and "
+        print(f"mlxgpt: sweep of {sweep_plan.count_jobs(len(runs))} ({len(failed)} failed) summarised in {sweep_dir / 'summary.md'} and "
               f"{sweep_dir / 'summary.csv'}")
         if best is not None:
             print(f"mlxgpt: best job {best.name}: {describe(best, varying_keys(runs))}, "

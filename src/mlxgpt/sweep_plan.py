@@ -50,7 +50,12 @@ def describe(config: DictConfig) -> str:
         return f"{jobs:,} trials"
     counts = swept_counts(config).items()
     swept = " x ".join(f"{key}: {n}" + (" values" if i == 0 else "") for i, (key, n) in enumerate(counts))
-    return f"{jobs:,} job{'s' * (jobs != 1)}" + (f" ({swept})" if swept else "")
+    return count_jobs(jobs) + (f" ({swept})" if swept else "")
+
+
+def count_jobs(n: int) -> str:
+    """`1 job`, `6 jobs`, `1,200 jobs`."""
+    return f"{n:,} job{'s' * (n != 1)}"
 
 
 def dropped_sweeps(config: DictConfig) -> list[str]:
