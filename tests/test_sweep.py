@@ -201,4 +201,22 @@ def test_a_sweep_stopped_by_ctrl_c_before_training_is_interrupted_says_how_to_co
     assert "Traceback" not in (sweep / "1" / "train.log").read_text()
     rows = list(csv.DictReader(open(sweep / "summary.csv")))  # the jobs so far, though the multirun never ended
     assert [(r["run"], r["status"], r["is_best"]) for r in rows] == [("0", "ok", "True"), ("1", "interrupted", "False")]
-    assert (sweep / "summary.md").read_text().endswith("\n2 of the sweep's 3 jobs so far: the others have not started\n")
+    assert (sweep / "summary.md").read_text().endswith(
+        "\n2 of the sweep's 3 jobs so far: the others have not started\n")
+
+
+@pytest.mark.parametrize("launcher, refused", [("basic", True), ("slurm", False)])
+def test_a_sweep_is_refused_for_missing_files_only_where_its_jobs_run_on_this_machine(launcher, refused):
+    """A Slurm node may see files (data, init_from) that the machine submitting the sweep does not."""
+    from mlxgpt import rundir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "init_from=missing", "data=text",
+                                           "data.path=missing.txt"], return_hydra_config=True)
+        try:
+            rundir.refuse_sweep_wide_error(cfg)
+        except rundir.UserError as e:
+            assert refused and "data.path=missing.txt matches no file" in str(e)
+        else:
+            assert not refused

@@ -329,19 +329,23 @@ def check_init_from(init_from: str | None) -> None:
 
 def refuse_sweep_wide_error(config: DictConfig) -> None:
     """UserError when a setting that no job of the sweep changes is wrong (trainer.batch_size=-1, a missing
-    init_from): the sweep's settings and its first job's fail alike, so every job would fail one after another."""
-    error = _config_error(lambda: config)
-    if error is not None and _config_error(lambda: first_job_config(config)) == error:
+    init_from): the sweep's settings and its first job's fail alike, so every job would fail one after another. Files
+    (data, init_from) are checked only where the jobs run on this machine (a Slurm node may see other files)."""
+    files = "Slurm" not in str(config.hydra.launcher.get("_target_"))
+    error = _config_error(lambda: config, files)
+    if error is not None and _config_error(lambda: first_job_config(config), files) == error:
         raise UserError(error)
 
 
-def _config_error(compose: Callable[[], DictConfig]) -> str | None:
-    """The one-line user error of a composed config's checks (those that need no run dir or device), else None."""
+def _config_error(compose: Callable[[], DictConfig], files: bool) -> str | None:
+    """The one-line user error of a composed config's checks (those that need no run dir or device; with `files`, the
+    data and init_from files too), else None."""
     try:
         job = compose()
         validate(job)
-        check_source(job.data)
-        check_init_from(job.init_from)
+        if files:
+            check_source(job.data)
+            check_init_from(job.init_from)
     except Exception as e:
         return user_message(e)
     return None
