@@ -113,6 +113,22 @@ def test_a_setting_every_job_shares_that_is_wrong_refuses_the_sweep_before_any_j
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.parametrize("sweep, error", [
+    ("optimizer.lr=3e-3,abc", "error: invalid value for 'optimizer.lr': Value 'abc' of type 'str'"),
+    ("hydra/launcher=submitit_local model=nano,nope", "error: no option 'nope' in config group 'model'")])
+def test_a_sweep_that_hydra_refuses_before_any_job_leaves_nothing_and_keeps_what_its_directory_held(tmp_path, sweep,
+                                                                                                       error):
+    proc = multirun(tmp_path, *sweep.split(), returncode=2)  # Hydra rejects a value once the sweep dir is made
+    assert proc.stderr.strip().splitlines()[-1].startswith(error) and "Traceback" not in proc.stderr
+    assert not (tmp_path / "logs").exists()
+    used = tmp_path / "logs" / "sweep"
+    used.mkdir(parents=True)
+    (used / "multirun.yaml").write_text("an earlier sweep's\n")
+    (used / "notes.txt").write_text("kept\n")
+    multirun(tmp_path, *sweep.split(), returncode=2)
+    assert files(used) == {"multirun.yaml": b"an earlier sweep's\n", "notes.txt": b"kept\n"}
+
+
 def test_a_setting_that_only_some_jobs_refuse_fails_those_jobs_alone(tmp_path):
     every = multirun(tmp_path, "optimizer.lr=1e-3,3e-3", "data.path=missing.txt", returncode=2)
     assert every.stderr.strip().splitlines()[-1].startswith("error: data.path=missing.txt is not read by data=pydoc")
@@ -142,7 +158,7 @@ def test_a_huge_grid_is_announced_before_hydra_composes_its_jobs(tmp_path):
         assert proc.wait(timeout=60) == 130
         assert "mlxgpt: sweep of 3,000 jobs (trainer.seed: 100 values x model.n_layer: 30) into" in proc.stdout.read()
     assert warning.startswith("mlxgpt: warning: 3,000 jobs: Hydra checks each job's config before the first starts")
-    assert not (tmp_path / "logs" / "sweep" / "0").exists()
+    assert not (tmp_path / "logs").exists()  # no job ran: nothing to continue
 
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="Slurm is installed here: the sweep would be submitted")

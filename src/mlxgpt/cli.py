@@ -113,6 +113,24 @@ def report_failed_jobs(names: list[str]) -> None:
     _failed_jobs.update(names)
 
 
+_undo_before_first_job: list[Callable[[], None]] = []  # puts back what a multirun wrote before its first job
+
+
+def undo_if_no_job_runs(undo: Callable[[], None]) -> None:
+    """Call `undo` if this multirun ends (Hydra refuses a swept value, Ctrl-C) before any of its jobs starts."""
+    _undo_before_first_job.append(undo)
+
+
+def job_started() -> None:
+    """A job of the multirun has started: what the multirun wrote stays, however it ends."""
+    _undo_before_first_job.clear()
+
+
+def _no_job_ran() -> None:
+    for undo in _undo_before_first_job:
+        undo()
+
+
 def run_hydra(main: Callable[[], object], schema: type) -> None:
     """Call a @hydra.main function whose config has the dataclass `schema`; config and user errors print one line to
     stderr and exit 2, Ctrl-C 130; a sweep with failed jobs exits 1 after all have run."""
@@ -139,8 +157,10 @@ def run_hydra(main: Callable[[], object], schema: type) -> None:
             sys.exit(1)
         if message is None:
             raise  # a bug: keep the traceback
+        _no_job_ran()
         fail(message)
     except KeyboardInterrupt:  # outside the training loop, which stops on its own terms (mlxgpt.interrupt)
+        _no_job_ran()
         print("mlxgpt: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
 

@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mlxgpt import checkpoint
-from mlxgpt.cli import fail, user_message
+from mlxgpt.cli import fail, job_started, undo_if_no_job_runs, user_message
 from mlxgpt.config import dotted, masked_container, validate
 from mlxgpt.errors import UserError, disk_error, make_dir
 from mlxgpt.data.sources import check_source
@@ -303,9 +303,41 @@ class PreflightCheck(HydraCallback):
                                 f"hydra.sweep.dir")
             for run_dir in used:
                 keep_records(run_dir)
+            undo_if_no_job_runs(sweep_dir_restorer(sweep_dir))  # Hydra refuses some values only after this
             make_dir(sweep_dir, "the sweep directory", "set paths.log_dir (or MLXGPT_LOG_DIR) or hydra.sweep.dir to "
                                                        "a writable directory")
             OmegaConf.save(config, sweep_dir / "multirun.yaml")  # as Hydra's basic sweeper does; Optuna's does not
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        job_started()
+
+
+def sweep_dir_restorer(sweep_dir: Path) -> Callable[[], None]:
+    """What puts `sweep_dir` back as it is now, before the sweep makes it and writes its multirun.yaml: removes what
+    the sweep made, restores an earlier multirun.yaml; nothing once another entry appears (a submitted job's)."""
+    sweep_dir = sweep_dir.absolute()
+    record = sweep_dir / "multirun.yaml"
+    before = record.read_bytes() if record.is_file() else None
+    made = [d for d in (sweep_dir, *sweep_dir.parents) if not d.exists()]  # deepest first
+    entries = _entries(sweep_dir)
+
+    def restore() -> None:
+        if _entries(sweep_dir) != entries:
+            return
+        if before is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_bytes(before)
+        for directory in made:
+            with contextlib.suppress(OSError):  # only an empty one goes
+                directory.rmdir()
+
+    return restore
+
+
+def _entries(directory: Path) -> set[str]:
+    """The names in `directory` but its multirun.yaml (none when it is not there)."""
+    return {p.name for p in directory.iterdir()} - {"multirun.yaml"} if directory.is_dir() else set()
 
 
 def check_start(t: DictConfig, run_dir: Path, init_from: str | None) -> Path | None:
