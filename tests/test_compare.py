@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mlxgpt.compare import find_run_dirs, is_continuous, load_runs, tick_label, varying_keys
+from mlxgpt.compare import find_run_dirs, is_continuous, load_runs, varying_keys
+from mlxgpt.config import shown_value
 from mlxgpt.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,16 +179,22 @@ def test_the_same_value_written_two_ways_does_not_vary(mixed):
 
 
 @pytest.mark.slow
-def test_a_search_is_drawn_as_a_scatter_with_short_tick_labels(search, grid, tmp_path):
+def test_a_search_is_drawn_as_a_scatter_and_tabled_with_short_values(search, grid, tmp_path):
     runs = load_runs([search])
     assert varying_keys(runs) == ["optimizer.lr", "model.n_layer"]
     assert is_continuous(runs, "optimizer.lr") and not is_continuous(runs, "model.n_layer")
     assert not is_continuous(load_runs([grid]), "optimizer.lr")  # 2 values, each in 2 runs: a grid
-    for lr in (r.value("optimizer.lr") for r in runs):  # 0.00024380478036384822 -> 0.000244
-        label = tick_label(lr)
-        assert len(label.replace(".", "").lstrip("0").split("e")[0]) <= 3 and float(label) == pytest.approx(lr, 5e-3)
+    for lr in (r.value("optimizer.lr") for r in runs):  # 0.00024380478036384822 -> 0.0002438
+        label = shown_value(lr)
+        assert len(label.replace(".", "").lstrip("0").split("e")[0]) <= 4 and float(label) == pytest.approx(lr, 5e-4)
     python("compare.py", str(search), "--out", str(tmp_path), cwd=tmp_path)
     assert (tmp_path / "heatmap.png").read_bytes().startswith(PNG)
+    table = (tmp_path / "table.md").read_text()
+    rows = list(csv.DictReader(open(tmp_path / "table.csv")))
+    for run, row in zip(sorted(runs, key=lambda r: r.name), sorted(rows, key=lambda r: r["run"])):
+        lr, given = run.value("optimizer.lr"), run.overrides["optimizer.lr"]
+        assert float(row["optimizer.lr"]) == lr and row["overrides"].startswith(f"optimizer.lr={given},")  # whole
+        assert f"| {run.name} | optimizer.lr={lr:.4g},model.n_layer=" in table and repr(lr) not in table
 
 
 def test_copies_of_records_in_hidden_folders_are_not_runs(tmp_path):

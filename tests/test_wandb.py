@@ -1,4 +1,5 @@
 """W&B logging: offline run files read back record by record (config, group, history, summary), resume, failures."""
+import csv
 import json
 import os
 import subprocess
@@ -88,6 +89,25 @@ def test_each_job_of_a_grid_is_its_own_wandb_run_in_one_group(grid):
         assert state["extra"][RUN_ID_KEY] == run.run_id  # what resume continues
         assert {a.type for a in run.artifacts} == {"model", "run_table"}  # checkpoints and the samples table
         assert any("best" in a.aliases for a in run.artifacts if a.type == "model")
+
+
+@pytest.mark.slow
+def test_an_optuna_searchs_values_are_read_to_4_digits_in_run_names_and_the_summary_but_kept_whole_in_its_csv(
+        tmp_path):
+    proc = train(tmp_path, "-m", "hparams_search=lr_depth_optuna", "hydra.sweeper.n_trials=2", "trainer.max_iters=2",
+                 "logger.mode=offline", "hydra.sweep.dir=logs/search")
+    sweep_dir = tmp_path / "logs" / "search"
+    rows = {r["run"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}  # best first
+    summary = (sweep_dir / "summary.md").read_text()
+    best = next(line for line in proc.stdout.splitlines() if line.startswith("mlxgpt: best job"))
+    for job in ("0", "1"):
+        run = read_run(find_run_files(sweep_dir / job / "wandb")[0])
+        lr, layers = run.config["optimizer.lr"], run.config["model.n_layer"]  # Optuna's draw, e.g. 0.0002438047803638
+        short = f"{lr:.4g}"
+        assert len(repr(lr)) > len(short) + 4 and float(rows[job]["optimizer.lr"]) == lr  # the CSV: every digit
+        assert run.name == f"lr={short},n_layer={layers}"
+        assert f"| {job} | optimizer.lr={short}" in summary and repr(lr) not in summary
+        assert (f"best job {job}: optimizer.lr={short}" in best) == (rows[job]["is_best"] == "True")
 
 
 @pytest.mark.slow

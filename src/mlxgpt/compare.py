@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mlxgpt.cli import fail, print_result, shown_path
+from mlxgpt.config import shown_value
 from mlxgpt.errors import UserError, make_dir
 
 # where a run is kept, not what it does
@@ -195,10 +196,11 @@ def best_run(runs: list[Run]) -> Run | None:
     return top[0] if top and top[0].status == "ok" and _finite(top[0].best_val_loss) else None
 
 
-def describe(run: Run, keys: list[str]) -> str:
-    """`optimizer.lr=3e-4,model.n_layer=6`: the run's values of the given keys (as given where overridden)."""
+def describe(run: Run, keys: list[str], exact: bool = False) -> str:
+    """`optimizer.lr=3e-4,model.n_layer=6`: the run's values of the given keys (as given where overridden), floats to
+    4 significant digits unless `exact`."""
     values = {k: run.overrides.get(k, run.value(k)) for k in keys}
-    return ",".join(f"{k}={v}" for k, v in values.items() if v is not None) or run.name
+    return ",".join(f"{k}={v if exact else shown_value(v)}" for k, v in values.items() if v is not None) or run.name
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -212,11 +214,6 @@ def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
-def tick_label(value: Any) -> str:
-    """A parameter value for an axis: floats to 3 significant digits (0.000316, not 0.00031622776601683794)."""
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _clip(text: str, width: int = 100) -> str:
@@ -240,13 +237,13 @@ def write_table(runs: list[Run], out_dir: Path, stem: str, note: str = "") -> tu
                   f"{'-' if r.best_iter is None else r.best_iter} | {_fmt(r.final_train_loss)} | "
                   f"{_fmt(r.tok_per_s, 0)} | {r.iters} | {'-' if params is None else f'{params / 1e6:.2f}M'} | "
                   f"{_duration(r.train_seconds)} | {status.replace('|', '/')} |")
-        rows.append({"rank": i, "is_best": r is best, "run": r.name, "overrides": describe(r, keys),
+        rows.append({"rank": i, "is_best": r is best, "run": r.name, "overrides": describe(r, keys, exact=True),
                      **{k: r.value(k) for k in keys}, "best_val_loss": r.best_val_loss, "best_iter": r.best_iter,
                      "final_train_loss": r.final_train_loss, "tok_per_s": r.tok_per_s, "iters": r.iters,
                      "num_params": params, "train_seconds": r.train_seconds, "status": r.status, "error": r.error,
                      "path": shown_path(r.path)})
-    common = [f"{k}={_given(runs, k)}" for k in _overridden(runs) if k not in keys] if len(runs) > 1 else []
-    if common:
+    common = [f"{k}={shown_value(_given(runs, k))}" for k in _overridden(runs) if k not in keys]
+    if common and len(runs) > 1:
         md += ["", f"Common to all runs: `{' '.join(common)}`"]
     if note:
         md += ["", note]
@@ -344,7 +341,7 @@ def _placed(run: Run | None, x_key: str, y_key: str) -> bool:
 
 
 def _scatter_axis(runs: list[Run], key: str, axis: Any, set_scale: Any) -> None:
-    """Numeric ticks to 3 significant digits: at 1, 2, 5 x 10^k on a log scale (a learning rate), at the values of a
+    """Numeric ticks to 4 significant digits: at 1, 2, 5 x 10^k on a log scale (a learning rate), at the values of a
     grid-like parameter (depth); text values are left as categories."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -357,7 +354,7 @@ def _scatter_axis(runs: list[Run], key: str, axis: Any, set_scale: Any) -> None:
         axis.set_minor_formatter(NullFormatter())
     elif not is_continuous(runs, key):
         axis.set_ticks(values)
-    axis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(float(v))))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: shown_value(float(v))))
 
 
 def plot_heatmap(runs: list[Run], x_key: str, y_key: str, path: Path) -> Path:
@@ -387,8 +384,8 @@ def plot_heatmap(runs: list[Run], x_key: str, y_key: str, path: Path) -> Path:
     if _placed(best, x_key, y_key):
         i, j = ys.index(best.value(y_key)), xs.index(best.value(x_key))
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5))
-    ax.set_xticks(range(len(xs)), [tick_label(x) for x in xs])
-    ax.set_yticks(range(len(ys)), [tick_label(y) for y in ys])
+    ax.set_xticks(range(len(xs)), [shown_value(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [shown_value(y) for y in ys])
     ax.set_xlabel(x_key)
     ax.set_ylabel(y_key)
     ax.set_title("best val loss")

@@ -195,6 +195,28 @@ def dotted(node: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def shown_value(value: Any) -> str:
+    """A setting's value where people read it (tables, plots, W&B run names): a float to 4 significant digits
+    (Optuna's 0.00031622776601683794 -> 0.0003162), a text one only when that shortens it (3e-4 stays); else as is."""
+    number = _float(value)
+    if number is None or not math.isfinite(number):
+        return str(value)
+    short = f"{number:.4g}"
+    return short if isinstance(value, float) or float(short) != number else value
+
+
+def _float(value: Any) -> float | None:
+    """A float, or the number a float's text (not an int's: a seed keeps its digits) stands for; else None."""
+    if isinstance(value, float):
+        return value
+    if not isinstance(value, str) or value.strip().lstrip("+-").isdigit():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
 SEED_LIMIT = 2**63  # MLX seeds are 64-bit unsigned; the sample callback adds the iteration to trainer.seed
 
 

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from mlxgpt.callbacks.base import Callback
 from mlxgpt.callbacks.sample import RECORDS as SAMPLES
-from mlxgpt.config import dotted, masked_container
+from mlxgpt.config import dotted, masked_container, shown_value
 from mlxgpt.log import log
 from mlxgpt.rundir import SAME_MATH_KEYS, own_checkpoint
 
@@ -258,8 +258,9 @@ def group_choices() -> dict[str, str]:
 
 
 def job_name_and_group(run_dir: Path) -> tuple[str, str]:
-    """Name: the job's swept overrides with short keys (`lr=3e-4,n_layer=6`); for a single run, its run_name when
-    given, else all its overrides. Group: the multirun's sweep directory name (shared by its jobs), or the run."""
+    """Name: the job's swept overrides with short keys (`lr=3e-4,n_layer=6`, floats to 4 significant digits); for a
+    single run, its run_name when given, else all its overrides. Group: the multirun's sweep directory name (shared by
+    its jobs), or the run."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -277,7 +278,7 @@ def job_name_and_group(run_dir: Path) -> tuple[str, str]:
         if key == "run_name" and not multirun:
             return value, run_dir.name
         if key in swept or not swept and key not in skip and not key.startswith(("paths.", "hydra.")):
-            pairs.append((key, value))
+            pairs.append((key, shown_value(value)))
     short = [key.rsplit(".", 1)[-1] for key, _ in pairs]
     name = ",".join(f"{s if short.count(s) == 1 else key}={value}" for (key, value), s in zip(pairs, short))
     return name or run_dir.name, Path(hc.sweep.dir).name if multirun else run_dir.name
