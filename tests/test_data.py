@@ -1,12 +1,14 @@
 """Data pipeline: sources, prepare (keys, no-op reruns, interruptions, HF corpora) and the batch loader."""
 import fcntl
 import importlib
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import datasets
@@ -15,12 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from mlxgpt.config import DataConfig
 from mlxgpt.data import TokenData, load_data, prepare
 from mlxgpt.data.sources import pydoc_text
 from mlxgpt.errors import UserError
 from mlxgpt.hub import PROXY_VARIABLES
+from mlxgpt.log import stderr_unless_failing
 from mlxgpt.tokenizer import GPT2Tokenizer
 
 prepare_module = importlib.import_module("mlxgpt.data.prepare")  # the module (mlxgpt.data.prepare is the function)
@@ -588,3 +592,47 @@ def test_openwebtext_offline_is_one_line_naming_the_local_copy_options(tmp_path,
     assert proc.stderr.startswith("error: cannot load the dataset data.hf_path=Skylion007/openwebtext")
     assert "data.hf_path=parquet data.data_files='<dir>/*.parquet'" in proc.stderr and "Retrying" not in proc.stderr
     assert "hub.invalid does not resolve (no network?)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_local_dataset_that_does_not_load_shows_only_the_one_line_error_and_one_that_loads_its_progress(
+        tmp_path, tiktoken_cache):
+    """datasets' own messages (a worker's too), warnings and progress bars of a failed load are not on the console."""
+    pq.write_table(pa.table({"text": make_docs(20)}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"body": make_docs(20)}), tmp_path / "b.parquet")  # columns that do not match a.parquet
+    (tmp_path / "bad.csv").write_text('text\n"a quote never closed\n')
+    env = {**os.environ, "MLXGPT_DATA_DIR": str(tmp_path / "data"), "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
+
+    def train(*data: str, returncode: int) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "data=hf",
+                               *data, "model=nano", "logger=none", "trainer.max_iters=1", "trainer.eval_iters=1",
+                               "callbacks.sample.max_new_tokens=1", f"paths.log_dir={tmp_path}/logs"],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert proc.returncode == returncode, proc.stderr[-3000:]
+        return proc
+
+    for data in (["data.hf_path=parquet", f"data.data_files={tmp_path}/*.parquet", "data.num_proc=2"],
+                 ["data.hf_path=csv", f"data.data_files={tmp_path}/bad.csv"]):
+        proc = train(*data, returncode=2)
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: cannot load the dataset"), proc.stderr
+    loaded = train("data.hf_path=parquet", f"data.data_files={tmp_path}/a.parquet", "data.val_size=0.3", returncode=0)
+    assert "Generating train split: 20 examples" in loaded.stderr  # its progress bar, as it ended
+
+
+def test_what_a_load_writes_to_stderr_shows_live_once_it_has_taken_its_delay_and_not_if_it_fails_sooner(monkeypatch):
+    console = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", console)
+    with stderr_unless_failing(delay_s=0.3):
+        with tqdm(total=3, desc="long load", mininterval=0) as bar:  # writes to sys.stderr
+            bar.update(1)
+            assert console.getvalue() == ""
+            time.sleep(0.3)
+            bar.update(1)
+            assert "long load:  67%" in console.getvalue()  # shown as it comes, before the load ends
+    with stderr_unless_failing(delay_s=60):
+        print("short load", file=sys.stderr)
+    assert console.getvalue().endswith("short load\n")  # shown when it ends
+    with pytest.raises(ValueError), stderr_unless_failing(delay_s=60):
+        print("a failed load's noise", file=sys.stderr)
+        raise ValueError("corrupt file")
+    assert "noise" not in console.getvalue() and sys.stderr is console

@@ -1,9 +1,12 @@
 """The job's messages: one `mlxgpt` logger, shown on the console around the progress bar and kept in the run's
-`train.log` (conf/hydra/job_logging/mlxgpt.yaml)."""
+`train.log` (conf/hydra/job_logging/mlxgpt.yaml); a library's console output held back where it may only precede an
+error."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import time
 
 from tqdm.auto import tqdm
 
@@ -34,3 +37,50 @@ class RunLogHandler(logging.FileHandler):
             self.warned = True
             tqdm.write(f"mlxgpt: warning: cannot write {self.baseFilename} ({sys.exc_info()[1]}); messages are on "
                        f"the console only", file=sys.stderr)
+
+
+class HeldStream:
+    """Stands in for a stream: holds what is written to it for its first `delay_s` seconds, then writes it out and
+    passes on what follows (release: at once; drop: forget what it holds)."""
+
+    def __init__(self, stream, delay_s: float):
+        self.stream, self.until, self.held = stream, time.monotonic() + delay_s, []
+
+    def write(self, text: str) -> int:
+        if self.held is not None and time.monotonic() < self.until:
+            self.held.append(text)
+            return len(text)
+        self.release()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        if self.held is None:
+            self.stream.flush()
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self.stream.write("".join(held))
+            self.stream.flush()
+
+    def drop(self) -> None:
+        self.held = None
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding... of the stream it stands in for
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def stderr_unless_failing(delay_s: float = 2.0):
+    """Within: what goes to stderr (a library's messages, warnings, progress bars) shows once the block has run for
+    `delay_s` seconds or ended; not at all when the block fails sooner (its one-line error says what went wrong)."""
+    held = HeldStream(sys.stderr, delay_s)
+    sys.stderr = held
+    try:
+        yield
+    except Exception:
+        held.drop()
+        raise
+    finally:
+        sys.stderr = held.stream
+        held.release()

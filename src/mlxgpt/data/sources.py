@@ -1,8 +1,10 @@
 """Where text comes from: the embedded Python docs, a URL, local text files, or a Hugging Face dataset."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import logging
 import os
 import tempfile
 import urllib.parse
@@ -15,6 +17,7 @@ from tqdm import tqdm
 from mlxgpt.digest import file_sha256
 from mlxgpt.errors import UserError
 from mlxgpt.hub import offline_unless_reachable
+from mlxgpt.log import stderr_unless_failing
 
 FILE_BUILDERS = "parquet|json|csv|text"  # datasets' builders of local data files
 
@@ -92,13 +95,15 @@ def load_documents(cfg):
     import datasets
 
     try:
-        if cfg.path:
-            ds = datasets.load_from_disk(str(Path(cfg.path).expanduser()))
-        else:
-            ds = datasets.load_dataset(
-                cfg.hf_path, cfg.hf_name, revision=cfg.hf_revision, split=cfg.hf_split, data_files=plain(cfg.data_files),
-                streaming=cfg.streaming, num_proc=None if cfg.streaming else (cfg.num_proc or os.cpu_count()),
-            )
+        with _datasets_output_unless_failing():
+            if cfg.path:
+                ds = datasets.load_from_disk(str(Path(cfg.path).expanduser()))
+            else:
+                ds = datasets.load_dataset(
+                    cfg.hf_path, cfg.hf_name, revision=cfg.hf_revision, split=cfg.hf_split,
+                    data_files=plain(cfg.data_files), streaming=cfg.streaming,
+                    num_proc=None if cfg.streaming else (cfg.num_proc or os.cpu_count()),
+                )
     except Exception as e:  # hub, network, file and format errors all end here
         raise _not_loaded(cfg, e) from e
     if isinstance(ds, datasets.DatasetDict):
@@ -114,6 +119,20 @@ def load_documents(cfg):
     if cfg.max_documents is not None:
         ds = ds.take(cfg.max_documents) if cfg.streaming else ds.select(range(min(cfg.max_documents, len(ds))))
     return ds
+
+
+@contextlib.contextmanager
+def _datasets_output_unless_failing():
+    """datasets' log messages, warnings and progress bars of a load on the console once it has taken 2 s or loaded,
+    not when it fails sooner (the one-line error gives the cause); its messages go to the root logger's handlers only
+    (train.log keeps them; its own handler would print each twice)."""
+    logger = logging.getLogger("datasets")
+    handlers, logger.handlers = logger.handlers, []
+    try:
+        with stderr_unless_failing():
+            yield
+    finally:
+        logger.handlers = handlers
 
 
 def _not_loaded(cfg, error: Exception) -> UserError:
