@@ -115,7 +115,8 @@ def test_a_setting_every_job_shares_that_is_wrong_refuses_the_sweep_before_any_j
 
 @pytest.mark.parametrize("sweep, error", [
     ("optimizer.lr=3e-3,abc", "error: invalid value for 'optimizer.lr': Value 'abc' of type 'str'"),
-    ("hydra/launcher=submitit_local model=nano,nope", "error: no option 'nope' in config group 'model'")])
+    ("hydra/launcher=submitit_local model=nano,nope", "error: no option 'nope' in config group 'model'"),
+    ("optimizer.lr=interval(1e-4,1e-3)", "error: interval(...) is a range to search, which a grid sweep cannot")])
 def test_a_sweep_that_hydra_refuses_before_any_job_leaves_nothing_and_keeps_what_its_directory_held(tmp_path, sweep,
                                                                                                        error):
     proc = multirun(tmp_path, *sweep.split(), returncode=2)  # Hydra rejects a value once the sweep dir is made

@@ -46,6 +46,9 @@ def one_line(exc: BaseException) -> str:
         script = Path(sys.argv[0]).name
         sweep = f"add -m to run one job for each (python {script} -m {swept[1]}), or " if script == "train.py" else ""
         return f"{swept[1]} is read as several values: {sweep}quote one value that holds commas: '{key}=\"{value}\"'"
+    if "does not support sweep type : INTERVAL_SWEEP" in str(exc):  # `optimizer.lr=interval(1e-4,1e-3)` in a grid
+        return ("interval(...) is a range to search, which a grid sweep cannot enumerate: list values (a,b,c) or "
+                "range(start,stop,step) instead, or search it with Optuna: hparams_search=lr_depth_optuna")
     deleted = re.fullmatch(r"Could not delete from config\. '(.+)' does not exist\.", str(exc))
     if deleted:  # `~key` of a key the config lacks
         return f"cannot delete '{deleted[1]}': no such key; check the spelling, `--cfg job` lists every key"
