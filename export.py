@@ -1,11 +1,9 @@
 """Export a trained run as a Hugging Face GPT-2 directory: `python export.py checkpoint=<run dir> out=<dir>`."""
+from mlxgpt.cli import exit_on_user_error, run_hydra  # mlxgpt first: see mlxgpt.startup
+from mlxgpt.config import ExportConfig
+
 import hydra
 from omegaconf import DictConfig
-
-from mlxgpt.cli import exit_on_user_error, run_hydra
-from mlxgpt.config import ExportConfig, register_configs
-
-register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")

@@ -1,11 +1,9 @@
 """Generate text from a trained run: `python sample.py checkpoint=<run dir> prompt="..." num_samples=3`."""
+from mlxgpt.cli import exit_on_user_error, print_result, print_stream, run_hydra  # mlxgpt first: see mlxgpt.startup
+from mlxgpt.config import SampleConfig
+
 import hydra
 from omegaconf import DictConfig
-
-from mlxgpt.cli import exit_on_user_error, print_result, print_stream, run_hydra
-from mlxgpt.config import SampleConfig, register_configs
-
-register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

@@ -1,11 +1,9 @@
 """Train a GPT: `python train.py [group=option ...] [key=value ...]`, or a sweep with `-m`. See README.md."""
+from mlxgpt.cli import run_hydra  # mlxgpt first: see mlxgpt.startup
+from mlxgpt.config import Config
+
 import hydra
 from omegaconf import DictConfig
-
-from mlxgpt.cli import run_hydra
-from mlxgpt.config import Config, register_configs
-
-register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

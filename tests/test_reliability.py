@@ -399,6 +399,34 @@ def test_a_second_sigint_ends_the_process_at_once_and_corrupts_nothing(work, ref
     assert losses(ckpts.parent) == reference
 
 
+
+STARTING = {"train.py": ["--help"], "sample.py": ["--help"], "export.py": ["--help"], "bench.py": ["--help"],
+            "compare.py": ["logs", "--out", "compared"]}  # busy for 0.3-1 s: Hydra composes its help; plots
+IMPORTED_BLAS = re.compile(r"^import time:.*\|\s+mlxgpt\.blas$", re.M)  # -X importtime: the scripts' imports go on
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(STARTING))
+def test_ctrl_c_while_a_script_imports_its_modules_ends_it_quietly(tmp_path, script):
+    """Ctrl-C at several moments of a script's first 0.1 s past `import mlxgpt`'s fast BLAS set-up (still importing
+    Hydra, MLX...; Python's own start-up, before any of our code, is out of reach): exit 130, one line, no traceback."""
+    fake_run = tmp_path / "logs" / "run"
+    (fake_run / ".hydra").mkdir(parents=True)
+    (fake_run / ".hydra" / "config.yaml").write_text("{}\n")
+    (fake_run / "metrics.jsonl").write_text("".join(json.dumps({"event": "eval", "iter": i, "val/loss": 3.0 - i})
+                                                    + "\n" for i in range(3)))
+    for delay in (0.0, 0.01, 0.03, 0.1):
+        err = tmp_path / f"{delay}.err"
+        with open(err, "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-X", "importtime", str(ROOT / script), *STARTING[script]],
+                                    cwd=tmp_path, env=env(tmp_path), stdout=subprocess.DEVNULL, stderr=stderr)
+        wait_until(lambda: IMPORTED_BLAS.search(err.read_text()), proc, timeout=60)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        messages = [line for line in err.read_text().splitlines() if not line.startswith("import time:")]
+        assert (proc.returncode, messages) == (130, ["mlxgpt: interrupted"]), (delay, messages[-20:])
+
 # ------------------------------------------------------------------------------------------------------ kill -9
 def is_writing(ckpts: Path) -> bool:
     try:

@@ -1,4 +1,4 @@
-"""Entry-point plumbing: run a Hydra app so that user errors end in one line and a non-zero exit."""
+"""Entry-point plumbing: run a script (a Hydra app) so that user errors end in one line and a non-zero exit."""
 from __future__ import annotations
 
 import functools
@@ -16,11 +16,11 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from mlxgpt.config import dotted
+from mlxgpt.config import dotted, register_configs
 from mlxgpt.errors import UserError
+from mlxgpt.startup import EXIT_INTERRUPTED
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
@@ -134,23 +134,11 @@ def _no_job_ran() -> None:
         undo()
 
 
-def run_hydra(main: Callable[[], object], schema: type) -> None:
-    """Call a @hydra.main function whose config has the dataclass `schema`; config and user errors print one line to
-    stderr and exit 2, Ctrl-C 130; a sweep with failed jobs exits 1 after all have run."""
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let exceptions reach us instead of Hydra's multi-line report
-    sys.argv[1:] = multirun_flag_first(sys.argv[1:])
-    if "--version" in sys.argv[1:]:  # Hydra's own would print its version only
-        print(versions())
-        sys.exit(0)
-    dashed = dashed_options(sys.argv[1:], schema)
-    if dashed:
-        fail(dashed)
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a script's `main` and exit with the code it returns: a user error (UserError, a Hydra or OmegaConf error)
+    prints one line to stderr and exits 2, Ctrl-C exits 130 (also while it imports: mlxgpt.startup)."""
     try:
-        main()
-        if _failed_jobs:
-            print(f"mlxgpt: {len(_failed_jobs)} job(s) of the sweep failed: {', '.join(sorted(_failed_jobs))}",
-                  file=sys.stderr)
-            sys.exit(1)
+        code = main()
     except BrokenPipeError:  # `--help | head`
         _end_quietly()
     except Exception as e:
@@ -166,6 +154,32 @@ def run_hydra(main: Callable[[], object], schema: type) -> None:
         _no_job_ran()
         print("mlxgpt: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code)
+
+
+def run_hydra(main: Callable[[], object], schema: type) -> None:
+    """run_main for a @hydra.main function whose config has the dataclass `schema`; a sweep with failed jobs exits 1
+    after all have run."""
+    run_main(functools.partial(_hydra_app, main, schema))
+
+
+def _hydra_app(main: Callable[[], object], schema: type) -> int:
+    """run_hydra's script: `--version`, nanoGPT-style flags refused, the app; its exit code."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let exceptions reach us instead of Hydra's multi-line report
+    register_configs()
+    sys.argv[1:] = multirun_flag_first(sys.argv[1:])
+    if "--version" in sys.argv[1:]:  # Hydra's own would print its version only
+        print(versions())
+        return 0
+    dashed = dashed_options(sys.argv[1:], schema)
+    if dashed:
+        fail(dashed)
+    main()
+    if _failed_jobs:
+        print(f"mlxgpt: {len(_failed_jobs)} job(s) of the sweep failed: {', '.join(sorted(_failed_jobs))}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def multirun_flag_first(args: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mlxgpt.cli import fail, print_result, shown_path
+from mlxgpt.cli import print_result, shown_path
 from mlxgpt.config import shown_value
 from mlxgpt.errors import UserError, make_dir
 
@@ -453,8 +453,5 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("paths", nargs="+", help="a sweep directory, or run directories")
     parser.add_argument("--out", help="output directory (default: <common parent of the runs>/compare)")
     args = parser.parse_args(argv)
-    try:
-        written = compare(args.paths, args.out)
-    except UserError as e:
-        fail(str(e))
+    written = compare(args.paths, args.out)
     print_result(Path(written[0]).read_text() + "\nwrote " + ", ".join(map(str, written)))
