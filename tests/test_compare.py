@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,43 @@ def test_compare_takes_run_dirs_and_draws_no_heatmap_for_one_parameter(grid, tmp
     out = grid / "compare"  # default: <common parent>/compare
     assert (out / "table.md").is_file() and (out / "val_loss.png").is_file() and not (out / "heatmap.png").exists()
     assert varying_keys(load_runs(same_depth)) == ["optimizer.lr"]
+
+
+def files(directory: Path) -> dict[str, bytes | None]:
+    """Every path below `directory` with its bytes (None for a directory): to prove that nothing was written there."""
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None for p in directory.rglob("*")}
+
+
+def fake_run(directory: Path) -> Path:
+    """A run directory as compare sees one: a config and one evaluation."""
+    (directory / ".hydra").mkdir(parents=True)
+    (directory / ".hydra" / "config.yaml").write_text("run_name: x\n")
+    (directory / "metrics.jsonl").write_text(json.dumps({"event": "eval", "iter": 0, "val/loss": 3.0}) + "\n")
+    return directory
+
+
+@pytest.mark.slow
+def test_comparing_one_run_writes_beside_it_and_leaves_the_run_directory_as_it_was(mixed, tmp_path):
+    run = tmp_path / "logs" / "runs" / "named"
+    shutil.copytree(mixed / "logs/runs/named", run, symlinks=True)
+    before = files(run)
+    proc = python("compare.py", str(run), cwd=tmp_path)
+    assert files(run) == before
+    out = tmp_path / "logs" / "runs" / "compare"  # as for several runs of logs/runs
+    assert proc.stdout.endswith(f"wrote {out}/table.md, {out}/table.csv, {out}/val_loss.png\n"), proc.stdout[-500:]
+
+
+@pytest.mark.parametrize("args, error", [
+    (["logs/a", "--out", "logs/a/cmp"], "--out logs/a/cmp is inside the run directory logs/a"),
+    (["logs/a", "--out", "logs/compare"], "--out logs/compare is a run directory"),
+    (["logs/a"], "the default output directory logs/compare is a run directory")])  # a run named compare
+def test_compare_refuses_to_write_into_a_run_directory(tmp_path, args, error):
+    runs = [fake_run(tmp_path / "logs" / name) for name in ("a", "compare")]
+    before = [files(run) for run in runs]
+    proc = python("compare.py", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr == (f"error: {error} (a run's record, which compare leaves as it was); "
+                                                    f"pick another --out\n"), proc.stderr
+    assert [files(run) for run in runs] == before
 
 
 def test_compare_without_runs_is_a_one_line_user_error(tmp_path):

@@ -434,11 +434,23 @@ def plot_scatter(runs: list[Run], x_key: str, y_key: str, path: Path) -> Path:
     return path
 
 
+def _output_dir(runs: list[Run], out_dir: str | Path | None) -> Path:
+    """`out_dir`, else compare/ in the directory holding the runs (a sweep's: <sweep>/compare); UserError when it lies
+    in a run directory (a run's record, which comparing it must leave as it was)."""
+    out = Path(out_dir) if out_dir else Path(os.path.commonpath([r.path.parent for r in runs])) / "compare"
+    run = next((d for d in (out.resolve(), *out.resolve().parents) if (d / ".hydra" / "config.yaml").is_file()), None)
+    if run is not None:
+        where = "is a run directory" if run == out.resolve() else f"is inside the run directory {shown_path(run)}"
+        named = f"--out {out_dir}" if out_dir else f"the default output directory {shown_path(out)}"
+        raise UserError(f"{named} {where} (a run's record, which compare leaves as it was); pick another --out")
+    return out
+
+
 def compare(paths: list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
     """Write table.md, table.csv, val_loss.png (and heatmap.png for two varying parameters: a grid, or a scatter when
     one takes values from a range); returns the paths."""
     runs = load_runs(paths)
-    out = Path(out_dir) if out_dir else Path(os.path.commonpath([r.path for r in runs])) / "compare"
+    out = _output_dir(runs, out_dir)
     make_dir(out, "--out", "pick a writable directory")
     written = [*write_table(runs, out, "table"), plot_val_curves(runs, out / "val_loss.png")]
     keys = varying_keys(runs)
@@ -451,7 +463,8 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None) -> list[
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Compare runs: table (Markdown + CSV) and plots from run dirs.")
     parser.add_argument("paths", nargs="+", help="a sweep directory, or run directories")
-    parser.add_argument("--out", help="output directory (default: <common parent of the runs>/compare)")
+    parser.add_argument("--out", help="output directory, not in a run directory (default: compare/ in the directory "
+                        "holding the runs: <sweep>/compare, logs/runs/compare)")
     args = parser.parse_args(argv)
     written = compare(args.paths, args.out)
     print_result(Path(written[0]).read_text() + "\nwrote " + ", ".join(map(str, written)))
