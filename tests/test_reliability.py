@@ -770,8 +770,6 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
             [*sample, f"checkpoint={damaged}", "which=last"],
             f"has a damaged state.json (no model_config); use another checkpoint, e.g. {damaged}/checkpoints/iter_0000010",
             damaged),
-        "sample: prompt longer than the context": ([*sample, f"checkpoint={base}", f"prompt={'a' * 40}"],
-                                                   "longer than the model's context of 32", base),
         "sample: missing prompt file": ([*sample, f"checkpoint={base}", "prompt=FILE:nowhere.txt"],
                                         "prompt file nowhere.txt does not exist; give an existing file", None),
         "sample: negative seed": ([*sample, f"checkpoint={base}", "seed=-1"], "invalid seed=-1: must be >= 0", None),
@@ -822,7 +820,7 @@ BAD_INPUTS = ["missing data file", "empty data file", "characters outside the ch
               "sample: missing checkpoint", "sample: truncated checkpoint", "sample: a changed byte in the weights",
               "sample: not a checkpoint",
               "sample: damaged state.json",
-              "sample: prompt longer than the context", "sample: negative seed", "sample: seed past 64 bits",
+              "sample: negative seed", "sample: seed past 64 bits",
               "sample: missing prompt file", "log dir: a file", "log dir: a file, in a sweep",
               "export: out= below a file", "sample: prompt file not UTF-8"]
 

@@ -4,6 +4,8 @@ prompt from a file, which=best|last; and a model whose vocabulary is padded past
 draw them."""
 import mlxgpt  # noqa: F401  (first: fast BLAS before mlx.core)
 
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mlxgpt import checkpoint
+from mlxgpt import model as model_module
 from mlxgpt.callbacks.sample import SampleCallback
 from mlxgpt.config import SampleConfig, register_configs
 from mlxgpt.data import load_data
@@ -27,7 +30,8 @@ from mlxgpt.tokenizer import EOT_TEXT, CharTokenizer, GPT2Tokenizer
 from mlxgpt.trainer import Trainer
 from test_model import make_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 CHARS = "abcdefghijklmnopqrstuvwxyz .,\n"
 PADDED = 64  # model ids CHARS' 30..63 are padding
 
@@ -80,20 +84,24 @@ def test_sample_py_draws_only_the_tokenizers_ids(tmp_path, temperature):
     assert [len(t) for t in texts] == [23, 23] and set("".join(texts)) <= set(CHARS)
 
 
-def test_the_sample_callback_draws_only_the_tokenizers_ids(tmp_path):
+def text_trainer(tmp_path: Path, *overrides: str) -> Trainer:
+    """A Trainer of model=nano on a text of CHARS (not fitted), its run directory made."""
     (tmp_path / "text.txt").write_text(CHARS * 20)
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", ["model=nano", f"model.vocab_size={PADDED}", "data=text", "logger=none",
-                                 f"data.path={tmp_path}/text.txt", f"paths.data_dir={tmp_path}/data"])
+        cfg = compose("config", ["model=nano", "data=text", "logger=none", f"data.path={tmp_path}/text.txt",
+                                 f"paths.data_dir={tmp_path}/data", *overrides])
     data = load_data(cfg.data)
     model = _build_model(cfg, data.tokenizer)
-    assert model.config.vocab_size == PADDED > data.tokenizer.vocab_size
-    prefer_padding(model)
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, cfg.trainer.max_iters)
-    trainer = Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), tmp_path / "run", [],
-                      data.tokenizer)
     (tmp_path / "run").mkdir()
+    return Trainer(cfg, model, data, build_optimizer(cfg.optimizer, schedule), tmp_path / "run", [], data.tokenizer)
+
+
+def test_the_sample_callback_draws_only_the_tokenizers_ids(tmp_path):
+    trainer = text_trainer(tmp_path, f"model.vocab_size={PADDED}")
+    assert trainer.model.config.vocab_size == PADDED > trainer.tokenizer.vocab_size
+    prefer_padding(trainer.model)
     text = SampleCallback(prompt="abc", max_new_tokens=20, temperature=1.0, top_k=None).sample(trainer)
     assert len(text) == 23 and set(text) <= set(CHARS)
 
@@ -110,6 +118,65 @@ def test_greedy_samples_are_the_same_with_or_without_the_cache_and_for_any_seed(
     drawn = [joined(sample(options(tmp_path, prompt="abc", num_samples=1, max_new_tokens=40, temperature=1.0,
                                  seed=seed)))[0] for seed in (0, 1)]
     assert drawn[0] != drawn[1]  # with a temperature the seed matters
+
+
+def spy_on_sampling(monkeypatch) -> list[np.ndarray]:
+    """The logits of each token generate draws, as it draws them."""
+    seen, draw = [], model_module._sample
+
+    def spy(logits, *args):
+        seen.append(np.array(logits[0]))
+        return draw(logits, *args)
+
+    monkeypatch.setattr(model_module, "_sample", spy)
+    return seen
+
+
+@pytest.mark.parametrize("length", [17, 43])  # the context (block_size) is 16
+def test_a_prompt_longer_than_the_context_is_cropped_to_its_last_block_size_tokens(tmp_path, monkeypatch, capsys,
+                                                                                    length):
+    """As nanoGPT: the model sees the prompt's last 16 tokens, the text keeps it whole, one warning says so; with the KV
+    cache (rebuilt from the window at each step once it slides) as without, to float rounding."""
+    model, n = chaotic(0), 12
+    save(tmp_path, model, 10)
+    prompt = "the quick brown fox jumps over the lazy dog"[:length]
+    ids, expected = CharTokenizer(CHARS).encode(prompt), []  # the model on the last 16 tokens, step by step
+    for _ in range(n):
+        expected.append(np.array(model(mx.array([ids[-16:]]))[0, -1]))
+        ids.append(int(expected[-1].argmax()))
+    seen = spy_on_sampling(monkeypatch)
+    for use_cache in (True, False):
+        seen.clear()
+        texts = joined(sample(options(tmp_path, prompt=prompt, num_samples=1, max_new_tokens=n, temperature=0.0,
+                                    use_cache=use_cache)))
+        assert texts == [prompt + CharTokenizer(CHARS).decode(ids[-n:])], use_cache
+        np.testing.assert_allclose(np.stack(seen), np.stack(expected), rtol=1e-4, atol=1e-4)
+        warning = (f"mlxgpt: warning: the prompt ({length} tokens) is longer than the model's context (16): it is "
+                   f"cropped to its last 16 tokens\n")
+        assert capsys.readouterr().err == warning
+
+
+@pytest.mark.slow
+def test_sample_py_prints_a_prompt_longer_than_the_context_whole_after_one_warning(tmp_path):
+    save(tmp_path, chaotic(0), 10)
+    prompt = "the quick brown fox jumps over the lazy dog"
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"checkpoint={tmp_path}", f'prompt="{prompt}"',
+                           "num_samples=1", "max_new_tokens=12", "temperature=0", "device=cpu"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == ("mlxgpt: warning: the prompt (43 tokens) is longer than the "
+                                                    "model's context (16): it is cropped to its last 16 tokens\n")
+    assert proc.stdout == f"--- sample 1/1 ---\n{greedy(chaotic(0), prompt, 12)}\n"
+
+
+def test_the_sample_callback_crops_a_prompt_longer_than_the_context_and_says_so_once(tmp_path, caplog):
+    trainer = text_trainer(tmp_path, "model.block_size=16")
+    callback = SampleCallback(prompt=CHARS, max_new_tokens=5, temperature=0.0)
+    callback.on_train_start(trainer)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"mlxgpt: warning: the prompt ({len(CHARS)} tokens) is longer than the model's context (16): it is cropped to "
+        f"its last 16 tokens (callbacks.sample.prompt)"]
+    text = callback.sample(trainer)
+    assert text.startswith(CHARS) and len(text) == len(CHARS) + 5
 
 
 def test_prompt_file_is_read_as_the_prompt(tmp_path):

@@ -262,6 +262,15 @@ class GPT(nn.Module):
             self.train(was_training)
 
 
+def cropped_prompt_warning(prompt_tokens: int, block_size: int) -> str | None:
+    """The warning for a prompt longer than the context, which generate crops to its last block_size tokens (as nanoGPT
+    does); None for one that fits."""
+    if prompt_tokens <= block_size:
+        return None
+    return (f"mlxgpt: warning: the prompt ({prompt_tokens} tokens) is longer than the model's context ({block_size}): "
+            f"it is cropped to its last {block_size} tokens")
+
+
 def _sample(logits: mx.array, temperature: float, top_k: int | None) -> mx.array:
     """One token id per row of logits (B, vocab): argmax at temperature 0, else top-k sampling."""
     if temperature == 0:

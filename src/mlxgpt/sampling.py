@@ -1,6 +1,7 @@
 """Load a trained model with its tokenizer from a checkpoint and generate text."""
 from __future__ import annotations
 
+import sys
 from itertools import chain
 from pathlib import Path
 from typing import Iterator
@@ -11,7 +12,7 @@ from mlxgpt import checkpoint, device
 from mlxgpt.config import validate_sample
 from mlxgpt.data.sources import read_utf8
 from mlxgpt.errors import UserError
-from mlxgpt.model import GPT, GPTConfig
+from mlxgpt.model import GPT, GPTConfig, cropped_prompt_warning
 from mlxgpt.pretrained import is_pretrained, load_pretrained, pretrained_tokenizer_meta
 from mlxgpt.tokenizer import tokenizer_from_meta
 from mlxgpt.trainer import load_weights
@@ -35,8 +36,8 @@ def load_model(path: str | Path, which: str = "best"):
 
 
 def sample(cfg) -> Iterator[Iterator[str]]:
-    """Yield `cfg.num_samples` generations of `cfg.max_new_tokens` tokens after `cfg.prompt` (FILE:path reads a file),
-    each as its text's pieces: the prompt, then the text of each token as it is drawn (read each before the next)."""
+    """Yield `cfg.num_samples` generations after `cfg.prompt` (FILE:path reads a file; a long one is cropped), each as
+    its text's pieces: the whole prompt, then the text of each token as it is drawn (read each before the next)."""
     validate_sample(cfg)
     device.select_device(cfg.device, "device")
     model, tokenizer, _ = load_model(cfg.checkpoint, cfg.which)
@@ -48,9 +49,9 @@ def sample(cfg) -> Iterator[Iterator[str]]:
             raise UserError(f"prompt file {prompt_path} {problem}; give an existing file as prompt=FILE:<path>")
         prompt = read_utf8(prompt_path, "give another prompt=FILE:<path>")
     ids = tokenizer.encode_prompt(prompt)
-    context = model.config.block_size
-    if len(ids) > context:
-        raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}; shorten it")
+    cropped = cropped_prompt_warning(len(ids), model.config.block_size)
+    if cropped:
+        print(cropped, file=sys.stderr)
     mx.random.seed(cfg.seed)
     for _ in range(cfg.num_samples):
         out = model.generate(mx.array([ids]), cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,

@@ -9,6 +9,7 @@ import mlx.core as mx
 from mlxgpt.callbacks.base import Callback, check_option
 from mlxgpt.errors import UserError
 from mlxgpt.log import log
+from mlxgpt.model import cropped_prompt_warning
 from mlxgpt.rundir import start_records
 
 RECORDS = "samples.jsonl"
@@ -34,9 +35,12 @@ class SampleCallback(Callback):
 
     def on_train_start(self, trainer) -> None:
         try:
-            trainer.tokenizer.encode_prompt(self.prompt)  # before training, not at its end
+            prompt_ids = trainer.tokenizer.encode_prompt(self.prompt)  # before training, not at its end
         except UserError as e:
             raise UserError(f"callbacks.sample.prompt={self.prompt!r}: {e}") from None
+        cropped = cropped_prompt_warning(len(prompt_ids), trainer.model.config.block_size)
+        if cropped and trainer.is_main:
+            log.warning(f"{cropped} (callbacks.sample.prompt)")
         self._evals = trainer.extra_state.get(STATE_KEY, 0)
         if trainer.is_main and trainer.resumed:  # before any sample: a resumed run has no evaluation at start
             start_records(trainer.run_dir / RECORDS, trainer.iter, trainer.eval_pending)
