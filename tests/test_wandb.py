@@ -11,7 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from mlxgpt.callbacks.wandb import RUN_ID_KEY, flat_config, job_name_and_group, resolve_mode
-from wandb_file import find_run_files, read_records, read_run
+from mlxgpt.wandb_file import BLOCK_SIZE, read_records
+from wandb_file import find_run_files, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=nano", "model.n_embd=32", "model.block_size=32", "trainer.batch_size=4", "trainer.max_iters=10",
@@ -133,36 +134,83 @@ def test_resume_continues_the_same_wandb_run(tmp_path):
 
 EVERY_STEP = ["logger.mode=offline", "trainer.log_interval=1", "callbacks.sample.every_evals=1",
               "schedule.warmup_iters=2"]  # then the lr decays over trainer.max_iters
+TESTS_ON_PATH = {"PYTHONPATH": str(ROOT / "tests")}  # for +callbacks.<name>._target_=wandb_callbacks.<class>
+FLUSH_OFTEN = {"WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.05"}  # W&B writes its run file every 50 ms (default 15 s)
 
 
-def crash_at_7(tmp: Path) -> None:
+def crash_at_7(tmp: Path, *args: str, env=None) -> subprocess.CompletedProcess:
     """Run `r` fails at iteration 7, after its checkpoint at 5 and its W&B rows of 6 and 7."""
-    train(tmp, "run_name=r", *EVERY_STEP, "+callbacks.crash._target_=wandb_callbacks.Crash",
-          "+callbacks.crash.at_iter=7", env=wandb_env(tmp, PYTHONPATH=str(ROOT / "tests")), returncode=1)
+    return train(tmp, "run_name=r", *EVERY_STEP, "+callbacks.crash._target_=wandb_callbacks.Crash",
+                 "+callbacks.crash.at_iter=7", *args, env=env or wandb_env(tmp, **TESTS_ON_PATH), returncode=1)
 
 
 def sample_table(run_file: Path, run) -> list:
     return json.loads((run_file.parent / "files" / run.values("samples.path")[-1]).read_text())["data"]
 
 
-@pytest.mark.slow
-def test_a_run_resumed_after_a_crash_logs_each_iteration_to_wandb_once(tmp_path):
-    """The resumed run (from 5) logs 8 on, and the two W&B files hold the history of an uninterrupted run."""
-    train(tmp_path, "run_name=full", *EVERY_STEP)
-    crash_at_7(tmp_path)
-    train(tmp_path, "run_name=r", *EVERY_STEP, "trainer.resume=auto")
-    (full_file,), files = (find_run_files(tmp_path / f"logs/runs/{name}/wandb") for name in ("full", "r"))
-    full, (crashed, resumed) = read_run(full_file), map(read_run, files)
-    assert crashed.run_id == resumed.run_id and max(crashed.values("iter")) == 7 and crashed.exit_code == 1
-    assert "injected crash" in crashed.summary["error"] and resumed.summary_removed == ["error"]  # W&B merges the summaries
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The W&B run file of run `full`, 10 iterations with EVERY_STEP, never stopped: (its path, its OfflineRun)."""
+    tmp = tmp_path_factory.mktemp("wandb_full")
+    train(tmp, "run_name=full", *EVERY_STEP)
+    (path,) = find_run_files(tmp / "logs/runs/full/wandb")
+    return path, read_run(path)
+
+
+def assert_history_of_an_uninterrupted_run(files: list[Path], uninterrupted) -> None:
+    """The attempts' W&B files (in order) hold each iteration of the uninterrupted run once, with its values."""
+    full_file, full = uninterrupted
+    attempts = [read_run(path) for path in files]
+    assert len({run.run_id for run in attempts}) == 1  # one W&B run
     for key in ("train/loss", "val/loss", "samples.path"):
-        rows = [(row["iter"], row[key]) for run in (crashed, resumed) for row in run.history if key in row]
+        rows = [(row["iter"], row[key]) for run in attempts for row in run.history if key in row]
         expected = [(row["iter"], row[key]) for row in full.history if key in row]
         assert [i for i, _ in rows] == [i for i, _ in expected], key  # each iteration once
         if key != "samples.path":
             np.testing.assert_allclose([v for _, v in rows], [v for _, v in expected], rtol=1e-6)
-    assert sample_table(files[1], resumed) == sample_table(full_file, full)  # the samples of every evaluation, once
-    assert resumed.summary["best/val_loss"] == full.summary["best/val_loss"] and resumed.exit_code == 0
+    assert sample_table(files[-1], attempts[-1]) == sample_table(full_file, full)  # every evaluation's samples, once
+    assert attempts[-1].summary["best/val_loss"] == full.summary["best/val_loss"] and attempts[-1].exit_code == 0
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_a_crash_logs_each_iteration_to_wandb_once(tmp_path, uninterrupted):
+    """The resumed run (from 5) logs 8 on, and the two W&B files hold the history of an uninterrupted run."""
+    crash_at_7(tmp_path)
+    train(tmp_path, "run_name=r", *EVERY_STEP, "trainer.resume=auto")
+    files = find_run_files(tmp_path / "logs/runs/r/wandb")
+    crashed, resumed = map(read_run, files)
+    assert max(crashed.values("iter")) == 7 and crashed.exit_code == 1 and min(resumed.values("iter")) == 8
+    assert "injected crash" in crashed.summary["error"]
+    assert resumed.summary_removed == ["error"]  # W&B merges the summaries
+    assert_history_of_an_uninterrupted_run(files, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_and_resumed_logs_each_iteration_to_wandb_once(tmp_path, uninterrupted):
+    """Killed at 8 (after its checkpoint at 5) once W&B wrote its rows up to 8: the resumed run logs 9 on."""
+    env = wandb_env(tmp_path, **TESTS_ON_PATH, **FLUSH_OFTEN)
+    train(tmp_path, "run_name=r", *EVERY_STEP, "+callbacks.kill._target_=wandb_callbacks.KillSelf",
+          "+callbacks.kill.at_iter=8", "+callbacks.kill.wait_s=1", env=env, returncode=-9)
+    train(tmp_path, "run_name=r", *EVERY_STEP, "trainer.resume=auto")
+    files = find_run_files(tmp_path / "logs/runs/r/wandb")
+    assert [max(read_run(path).values("iter")) for path in files] == [8, 10]
+    assert_history_of_an_uninterrupted_run(files, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_run_whose_wandb_died_logs_each_iteration_to_wandb_once_when_resumed(tmp_path, uninterrupted):
+    """W&B's service is killed at 6 (once it wrote the rows up to 6): training goes on without W&B and fails at 7;
+    the resumed run (from 5) logs 7 on, W&B working again, and completes."""
+    env = wandb_env(tmp_path, **TESTS_ON_PATH, **FLUSH_OFTEN)
+    proc = crash_at_7(tmp_path, "+callbacks.kill._target_=wandb_callbacks.KillWandbService",
+                      "+callbacks.kill.at_iter=6", "+callbacks.kill.wait_s=1", env=env)
+    assert proc.stderr.count("W&B logging stopped") == 1
+    proc = train(tmp_path, "run_name=r", *EVERY_STEP, "trainer.resume=auto")
+    assert "W&B logging stopped" not in proc.stderr
+    assert json.loads((tmp_path / "logs/runs/r/result.json").read_text())["status"] == "ok"
+    files = find_run_files(tmp_path / "logs/runs/r/wandb")
+    assert [max(read_run(path).values("iter")) for path in files] == [6, 10]
+    assert_history_of_an_uninterrupted_run(files, uninterrupted)
 
 
 @pytest.mark.slow
@@ -189,7 +237,7 @@ def test_the_config_groups_chosen_are_in_the_wandb_config(tmp_path):
 @pytest.mark.slow
 def test_credentials_in_the_config_reach_no_log_no_checkpoint_and_no_wandb_file(tmp_path):
     secrets = {"secret_key": "s3cret-a", "hf_token": "s3cret-b", "apiKey": "s3cret-c", "db_password": "s3cret-d"}
-    env = wandb_env(tmp_path, PYTHONPATH=str(ROOT / "tests"),
+    env = wandb_env(tmp_path, **TESTS_ON_PATH,
                     **{f"MY_{k.upper()}": v for k, v in secrets.items()})  # read from the environment, as one would
     options = [f"+callbacks.mine.{k}=${{oc.env:MY_{k.upper()}}}" for k in secrets]
     proc = train(tmp_path, "run_name=r", "logger.log_checkpoints=true", "+callbacks.mine._target_=wandb_callbacks.Options",
@@ -230,7 +278,7 @@ def test_a_wandb_error_of_several_lines_is_a_one_line_warning(tmp_path):
 
 @pytest.mark.slow
 def test_a_crash_of_wandb_warns_in_one_line_and_leaves_no_traceback(tmp_path):
-    env = wandb_env(tmp_path, PYTHONPATH=str(ROOT / "tests"))  # kills wandb-core at iteration 5
+    env = wandb_env(tmp_path, **TESTS_ON_PATH)  # kills wandb-core at iteration 5
     proc = train(tmp_path, "run_name=r", "+callbacks.crash._target_=wandb_callbacks.KillWandbService",
                  "+callbacks.crash.at_iter=5", env=env)
     warnings = [line for line in proc.stderr.splitlines() if "W&B" in line and "wandb:" not in line]
@@ -272,7 +320,7 @@ def test_disabled_writes_nothing(tmp_path):
     assert not (tmp_path / "logs/runs/r/wandb").exists()
 
 
-def test_reader_reassembles_records_split_across_blocks(tmp_path, monkeypatch):
+def test_reader_reassembles_records_split_across_blocks_and_stops_at_a_torn_one(tmp_path, monkeypatch):
     for key, value in wandb_env(tmp_path).items():
         monkeypatch.setenv(key, value)
     import wandb
@@ -283,10 +331,14 @@ def test_reader_reassembles_records_split_across_blocks(tmp_path, monkeypatch):
     run.finish()
     wandb.teardown()  # waits for W&B's service process to flush the file (finish() alone may return earlier)
     (path,) = find_run_files(tmp_path)
-    assert sum(1 for _ in read_records(path)) > 5
+    records = list(read_records(path))
+    assert len(records) > 5
     back = read_run(path)
     assert back.config["big"] == big and (back.group, back.name) == ("g", "n")
     assert back.values("loss") == [2.5] and back.summary["loss"] == 2.5
+    torn = tmp_path / "torn.wandb"  # as a kill can leave it: the first two blocks of the big run record written
+    torn.write_bytes(path.read_bytes()[:2 * BLOCK_SIZE])
+    assert list(read_records(torn)) == records[:1]  # the header record, then the torn one: the end
 
 
 def test_mode_auto_is_online_only_with_an_api_key(tmp_path, monkeypatch):

@@ -10,18 +10,20 @@ from mlxgpt.callbacks.base import Callback
 
 
 class AtIteration(Callback):
-    """Acts at the log of iteration `at_iter`, after the W&B callback logged it."""
+    """Acts at the log of iteration `at_iter`, after the W&B callback logged it, `wait_s` seconds later (time for W&B
+    to write its file)."""
 
     priority = 99
 
-    def __init__(self, at_iter: int):
-        self.at_iter = at_iter
+    def __init__(self, at_iter: int, wait_s: float = 0.0):
+        self.at_iter, self.wait_s = at_iter, wait_s
 
     def needs_state(self, trainer, iteration: int) -> bool:
         return False
 
     def on_log(self, trainer, logs) -> None:
         if logs["iter"] == self.at_iter:
+            time.sleep(self.wait_s)
             self.act()
 
     def act(self) -> None: ...
@@ -36,6 +38,13 @@ class KillWandbService(AtIteration):
         for pid in found.stdout.split():
             os.kill(int(pid), signal.SIGKILL)
         time.sleep(1)  # gone before the next W&B call
+
+
+class KillSelf(AtIteration):
+    """Kills this process with SIGKILL, as the OOM killer would: no handler, no cleanup."""
+
+    def act(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Crash(AtIteration):

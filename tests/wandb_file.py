@@ -1,53 +1,12 @@
-"""Read an offline W&B run file (`run-<id>.wandb`) back: its protobuf records, config, run info, history, summary.
-
-The file is a leveldb-style log: a 7-byte header (`:W&B`, magic 0xBEE1, version 0), then 32 KiB blocks of
-records, each `crc32 (4) | length (2) | type (1) | payload`, a payload split FIRST/MIDDLE/LAST across blocks;
-the crc32 covers the type byte and the payload. Payloads are `wandb_internal_pb2.Record` protobufs.
-"""
+"""Read an offline W&B run file (`run-<id>.wandb`) back: its config, run info, history, summary."""
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from wandb.proto import wandb_internal_pb2
-
-HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
-BLOCK_SIZE = 32 * 1024
-RECORD_HEADER = struct.Struct("<IHB")  # crc32, payload length, chunk type
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def read_records(path: str | Path) -> Iterator[wandb_internal_pb2.Record]:
-    """Every record of the file in order; a torn tail (a run still writing) ends the iteration."""
-    data = Path(path).read_bytes()
-    if not data.startswith(HEADER):
-        raise ValueError(f"{path} is not a W&B run file (header {data[:7]!r})")
-    pos, parts = len(HEADER), []
-    while True:
-        room = BLOCK_SIZE - pos % BLOCK_SIZE
-        if room < RECORD_HEADER.size:  # a block's tail too small for a header is zero padding
-            pos += room
-            continue
-        if pos + RECORD_HEADER.size > len(data):
-            return
-        crc, length, kind = RECORD_HEADER.unpack_from(data, pos)
-        start = pos + RECORD_HEADER.size
-        payload = data[start:start + length]
-        if len(payload) < length:
-            return
-        if zlib.crc32(bytes([kind]) + payload) != crc:
-            raise ValueError(f"{path}: checksum mismatch in the record at byte {pos}")
-        pos = start + length
-        parts.append(payload)
-        if kind in (FULL, LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(parts))
-            parts = []
-            yield record
+from mlxgpt.wandb_file import read_records
 
 
 def _key(item) -> str:

@@ -14,10 +14,11 @@ from mlxgpt.callbacks.sample import RECORDS as SAMPLES
 from mlxgpt.config import dotted, masked_container, shown_value
 from mlxgpt.log import log
 from mlxgpt.rundir import SAME_MATH_KEYS, own_checkpoint
+from mlxgpt.wandb_file import read_records
 
 RUN_ID_KEY = "wandb_run_id"  # in trainer.extra_state, so a resumed run continues the same W&B run
-LOGGED_FILE = "logged.json"  # in the run dir's wandb/: the W&B run's id, the last iteration of each kind of row
-# that its ended attempts logged (a resumed run does not log those again) and the settings they logged them with
+LOGGED_FILE = "logged.json"  # in the run dir's wandb/: the rows earlier attempts logged (see write_logged)
+ROW_KEYS = {"train": "train/loss", "eval": "val/loss", "samples": "samples"}  # kind of row -> a key only it has
 # Settings that leave a run's rows as they were: where it runs, how it computes its steps, the callbacks but those
 # whose rows it logs (ROW_CALLBACKS). Others change the rows' values (lr; a longer trainer.max_iters decays the lr
 # later) or their iterations (trainer.log_interval).
@@ -37,9 +38,7 @@ class WandbCallback(Callback):
         self.run = None
         self._started = False
         self._sample_rows: list[list[Any]] = []
-        self._logged: dict[str, int] = {}  # kind of history row (train, eval, samples) -> the last iteration logged
-        self._logged_file: Path | None = None
-        self._settings: dict[str, Any] = {}  # row_settings of this run
+        self._logged: dict[str, int] = {}  # kind of history row (ROW_KEYS) -> the last iteration logged
 
     def needs_state(self, trainer, iteration: int) -> bool:
         return False  # its step events only log
@@ -95,6 +94,9 @@ class WandbCallback(Callback):
                    name=None if run_id else name,  # a resumed run keeps its name
                    job_type=self.cfg.job_type, tags=list(self.cfg.tags),
                    config={**group_choices(), **flat_config(trainer.cfg)})
+        logged_file, settings = trainer.run_dir / "wandb" / LOGGED_FILE, row_settings(trainer.cfg)
+        # read before wandb.init: an attempt started in the same second as the last one reuses its W&B directory
+        self._logged = logged_rows(logged_file, run_id, settings) if run_id else {}
         mode = resolve_mode(self.cfg.mode)
         if mode == "online" and UNREACHABLE:  # a sweep's later jobs do not wait out the connection timeout again
             log.warning(f"mlxgpt: warning: W&B was unreachable for an earlier job ({UNREACHABLE[0]}): {OFFLINE}")
@@ -112,8 +114,7 @@ class WandbCallback(Callback):
             del self.run.summary["error"]
         if trainer.resumed:  # the samples table goes on from those of the earlier attempts
             self._sample_rows = earlier_samples(trainer.run_dir / SAMPLES)
-        self._logged_file, self._settings = trainer.run_dir / "wandb" / LOGGED_FILE, row_settings(trainer.cfg)
-        self._logged = logged_rows(self._logged_file, self.run.id, self._settings)
+        write_logged(logged_file, self.run, settings, self._logged)
         self.run.define_metric("iter")  # the x-axis of every chart; `tokens` is logged beside it as the other one
         self.run.define_metric("*", step_metric="iter")
         self.run.define_metric("val/loss", step_metric="iter", summary="min,last")  # best/val_loss: the running min
@@ -124,8 +125,8 @@ class WandbCallback(Callback):
             self._logged[kind] = logs["iter"]
 
     def _is_new(self, kind: str, iteration: int) -> bool:
-        """Whether no earlier attempt of this W&B run logged the row: one that failed after its last checkpoint logged
-        iterations that this one repeats (with the same values), and W&B cannot take rows back."""
+        """Whether no earlier attempt of this W&B run logged the row: one that failed (or was killed) after its last
+        checkpoint logged iterations that this one repeats (with the same values), and W&B cannot take rows back."""
         return iteration > self._logged.get(kind, -1)
 
     def _log_samples(self, info: dict[str, Any]) -> None:
@@ -151,19 +152,10 @@ class WandbCallback(Callback):
         self.run.log_artifact(artifact, aliases=aliases)
 
     def _finish(self, exit_code: int) -> None:
-        """Always end the run, so the next job of a multirun (same process) starts its own; record what it logged."""
+        """Always end the run, so the next job of a multirun (same process) starts its own."""
         run, self.run = self.run, None
         if run is not None:
-            self._guard(self._end, run, exit_code)
-
-    def _end(self, run, exit_code: int) -> None:
-        """Finish the run, then record the rows it holds (atomically). Not before: W&B writes a run's file in blocks,
-        so a run killed (kill -9) loses its last rows, which the resumed run logs again."""
-        logged = json.dumps({"run_id": run.id, "rows": self._logged, "settings": self._settings})
-        run.finish(exit_code=exit_code)
-        tmp = self._logged_file.with_name(f".{LOGGED_FILE}.tmp")
-        tmp.write_text(logged)
-        os.replace(tmp, self._logged_file)
+            self._guard(run.finish, exit_code)
 
     def _guard(self, fn, *args) -> None:
         """Run a W&B call; on the first failure shut W&B down, warn once (one line), and let training go on."""
@@ -205,13 +197,39 @@ def row_settings(cfg) -> dict[str, Any]:
 
 
 def logged_rows(path: Path, run_id: str, settings: dict[str, Any]) -> dict[str, int]:
-    """The last iteration of each kind of row that earlier attempts logged to W&B run `run_id` with these `settings`
-    (none for a new run, or for rows logged with other settings: this run's rows differ from them)."""
+    """The last iteration of each kind of row that earlier attempts logged to W&B run `run_id` with these `settings`:
+    those before the last attempt, and those in its W&B run file (none for rows logged with other settings: this run's
+    rows differ from them)."""
     try:
         logged = json.loads(path.read_text())
-        return dict(logged["rows"]) if logged["run_id"] == run_id and logged["settings"] == settings else {}
+        if logged["run_id"] != run_id or logged["settings"] != settings:
+            return {}
+        rows, last = dict(logged["rows"]), rows_in_run_file(path.parent / logged["run_file"])
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or not ours
         return {}
+    return {kind: max(rows.get(kind, -1), last.get(kind, -1)) for kind in rows.keys() | last.keys()}
+
+
+def write_logged(path: Path, run, settings: dict[str, Any], rows: dict[str, int]) -> None:
+    """logged.json as an attempt starts: the rows earlier attempts logged with these settings, and the W&B run file
+    that holds this attempt's own. Written whole: a kill leaves the old file or the new."""
+    run_file = os.path.relpath(run.settings.sync_file, path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"run_id": run.id, "settings": settings, "rows": rows, "run_file": run_file}))
+    os.replace(tmp, path)
+
+
+def rows_in_run_file(path: Path) -> dict[str, int]:
+    """The last iteration of each kind of row in a W&B run file: what W&B really holds of an attempt. One killed, or
+    whose W&B died, lost the rows W&B had not yet written (it writes its file every 15 s): those are logged again."""
+    rows: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):  # no file (W&B never wrote one), or damaged: from there on, again
+        for record in read_records(path):
+            if record.WhichOneof("record_type") == "history":
+                values = {item.key or "".join(item.nested_key[:1]): item.value_json for item in record.history.item}
+                for kind in (kind for kind, key in ROW_KEYS.items() if key in values and "iter" in values):
+                    rows[kind] = max(rows.get(kind, -1), json.loads(values["iter"]))
+    return rows
 
 
 def api_key_configured() -> bool:
