@@ -327,7 +327,7 @@ def test_a_continued_run_that_fails_after_the_pending_evaluation_leaves_no_secon
     path = run_dir(work, "eval_stop_disk_full")
     assert losses(path) == reference
     records = map(json.loads, (path / "samples.jsonl").read_text().splitlines())
-    assert [r["iter"] for r in records] == [0, 10, 20, 30, 40, 50, 60, 60]  # every evaluation's, then the end's
+    assert [r["iter"] for r in records] == [0, 10, 20, 30, 40, 50, 60]  # every evaluation's; the end's is the last
 
 
 @pytest.mark.slow

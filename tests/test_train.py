@@ -197,4 +197,4 @@ def test_kill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, streams)
     full, resumed = losses(tmp_path / "logs/runs/full"), losses(tmp_path / "logs/runs/killed")
     assert len(full) == len(resumed) and resumed == full
     samples = [(tmp_path / f"logs/runs/{name}/samples.jsonl").read_text() for name in ("full", "killed")]
-    assert samples[1] == samples[0] and samples[0].count("\n") == 17  # evals at 0, 10, ..., 150, then the end
+    assert samples[1] == samples[0] and samples[0].count("\n") == 16  # evals at 0, 10, ..., 150; the one at 150 is the end's

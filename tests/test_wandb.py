@@ -157,6 +157,14 @@ def uninterrupted(tmp_path_factory):
     return path, read_run(path)
 
 
+def test_the_samples_table_holds_each_sample_of_the_run_once(uninterrupted):
+    """The end's sample, drawn by the last evaluation already, is neither drawn nor recorded again."""
+    path, run = uninterrupted
+    records = [json.loads(line) for line in (path.parents[2] / "samples.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [0, 5, 10]  # every evaluation's; the one at 10 is the end's
+    assert sample_table(path, run) == [[r["iter"], r["prompt"], r["text"]] for r in records]
+
+
 def assert_history_of_an_uninterrupted_run(files: list[Path], uninterrupted) -> None:
     """The attempts' W&B files (in order) hold each iteration of the uninterrupted run once, with its values."""
     full_file, full = uninterrupted

@@ -32,6 +32,7 @@ class SampleCallback(Callback):
         self.every_evals, self.print_at_end = every_evals, print_at_end
         self._evals = 0  # the run's evaluations so far (every_evals counts them)
         self._records_started = False  # samples.jsonl readied for this run (see start_records)
+        self._drawn: tuple[int, str] | None = None  # the last sample drawn: its iteration and text
 
     def on_train_start(self, trainer) -> None:
         try:
@@ -54,7 +55,8 @@ class SampleCallback(Callback):
 
     def on_train_end(self, trainer, logs) -> None:
         if self.max_new_tokens > 0 and trainer.iter > 0:
-            text = self.sample(trainer, stoppable=True)
+            drawn_here = self._drawn is not None and self._drawn[0] == trainer.iter  # by the last evaluation
+            text = self._drawn[1] if drawn_here else self.sample(trainer, stoppable=True)
             if text is None and trainer.is_main:
                 log.info(f"mlxgpt: the sample after {trainer.iter} iterations was cut short by the stop")
             elif self.print_at_end and trainer.is_main:
@@ -81,4 +83,5 @@ class SampleCallback(Callback):
             with open(trainer.run_dir / RECORDS, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"iter": trainer.iter, "prompt": self.prompt, "text": text}) + "\n")
         trainer.emit("on_sample", {"iter": trainer.iter, "prompt": self.prompt, "samples": [text]})
+        self._drawn = (trainer.iter, text)
         return text

@@ -223,7 +223,9 @@ def rows_in_run_file(path: Path) -> dict[str, int]:
     """The last iteration of each kind of row in a W&B run file: what W&B really holds of an attempt. One killed, or
     whose W&B died, lost the rows W&B had not yet written (it writes its file every 15 s): those are logged again."""
     rows: dict[str, int] = {}
-    with contextlib.suppress(OSError, ValueError):  # no file (W&B never wrote one), or damaged: from there on, again
+    # No file (W&B never wrote one), a damaged one, or one of a W&B whose format this does not know: from there on,
+    # again (duplicate rows rather than none)
+    with contextlib.suppress(OSError, ValueError, ImportError, AttributeError):
         for record in read_records(path):
             if record.WhichOneof("record_type") == "history":
                 values = {item.key or "".join(item.nested_key[:1]): item.value_json for item in record.history.item}
