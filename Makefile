@@ -51,8 +51,11 @@ compare:  ## table + plots of runs: make compare RUNS=logs/multiruns/<sweep> [OU
 	@test -n "$(RUNS)" || { echo "error: no runs given; make compare RUNS=logs/multiruns/<sweep> [OUT=dir]" >&2; exit 2; }
 	$(PY) compare.py $(RUNS) $(if $(OUT),--out $(OUT))
 
-study-lr-depth:  ## experiments/lr_depth: 3x3 lr x depth sweep on CPU, then its table and plots
+STUDY_BUDGET = trainer.max_iters=300 trainer.eval_interval=50 trainer.eval_iters=10 schedule.warmup_iters=30 \
+	callbacks.sample.max_new_tokens=100
+
+study-lr-depth:  ## experiments/lr_depth: 3x3 lr x depth sweep on CPU, its follow-up at larger lr, table and plots
 	$(eval SWEEP_DIR := logs/multiruns/lr_depth_$(shell date +%Y-%m-%d_%H-%M-%S))
-	$(PY) train.py -m sweep=lr_depth trainer.max_iters=300 trainer.eval_interval=50 trainer.eval_iters=10 \
-		schedule.warmup_iters=30 callbacks.sample.max_new_tokens=100 hydra.sweep.dir=$(SWEEP_DIR)
-	$(PY) compare.py $(SWEEP_DIR) --out experiments/lr_depth
+	$(PY) train.py -m sweep=lr_depth $(STUDY_BUDGET) hydra.sweep.dir=$(SWEEP_DIR)
+	$(PY) train.py -m sweep=lr_depth optimizer.lr=1e-2,3e-2 $(STUDY_BUDGET) hydra.sweep.dir=$(SWEEP_DIR)_followup
+	$(PY) compare.py $(SWEEP_DIR) $(SWEEP_DIR)_followup --out experiments/lr_depth
