@@ -8,7 +8,7 @@ PY := $(BIN)/python
 comma := ,
 PIP_EXTRAS := dev$(if $(EXTRAS),$(comma)$(EXTRAS),)
 
-.PHONY: help install test test-fast train sample compare study-lr-depth bench bench-blas bench-prepare bench-sample clean
+.PHONY: help install test test-fast test-hf train sample compare study-lr-depth bench bench-blas bench-prepare bench-sample clean
 
 help:  ## this list
 	@awk -F ':.*## ' '/^[a-z-]+:.*## /{printf "%-16s%s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -24,6 +24,10 @@ test:  ## the whole suite
 
 test-fast:  ## unit tests only (no end-to-end subprocess runs)
 	$(PY) -m pytest -q -m "not slow"
+
+test-hf:  ## installs the hf extra (transformers, torch), then the tests that load exports and checkpoints with them
+	$(PY) -m pip install --quiet -e ".[$(PIP_EXTRAS),hf]"
+	$(PY) -m pytest -q tests/test_pretrained.py
 
 train:  ## the default job: embedded dataset, small model, offline
 	$(PY) train.py $(ARGS)
