@@ -678,6 +678,7 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
     (work / "foreign").mkdir()
     (work / "foreign" / "state.json").write_text('{"iter": 3}')
     other_size = copy_run(work, base, "other_size")
+    vocab = json.loads((base / "checkpoints/last/state.json").read_text())["model_config"]["vocab_size"]  # by Python version
     other_optimizer = copy_run(work, base, "other_optimizer")
     failed_retry = copy_run(work, base, "failed_retry")
     forked = copy_run(work, base, "forked")
@@ -712,7 +713,7 @@ def bad_input_cases(work: Path, base: Path) -> dict[str, tuple[list[str], str, P
                                                    "has a damaged state.json (its files entry", bad_digest),
         "resume: other model size": (run("other_size", "trainer.resume=auto", "model.n_embd=64"),
                                      "for a different model (n_layer=2/n_head=2/n_embd=32/block_size=32/vocab_size="
-                                     "103, trained with model=nano) than this config (n_layer=2/n_head=2/n_embd=64/"
+                                     f"{vocab}, trained with model=nano) than this config (n_layer=2/n_head=2/n_embd=64/"
                                      "block_size=32/vocab_size=None); use the checkpoint's model settings "
                                      "(model.n_embd=32) or start a new run", other_size),
         "resume: other optimizer": (  # SGD would take AdamW's second moments ("v") for its momentum
